@@ -12,7 +12,6 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-
 M = TypeVar("M", bound=BaseModel)
 
 

@@ -1,0 +1,23 @@
+"""Labels with their source (``k8s:app=web``) and Cilium's reserved identities, defined once."""
+
+from ciliate.labels.model import Label, LabelSet, parse_label
+from ciliate.labels.reserved import (
+    CIDR_IDENTITY_BASE,
+    CLUSTER_IDENTITY_MAX,
+    CLUSTER_IDENTITY_MIN,
+    RESERVED,
+    ReservedIdentity,
+    reserved_by_name,
+)
+
+__all__ = [
+    "CIDR_IDENTITY_BASE",
+    "CLUSTER_IDENTITY_MAX",
+    "CLUSTER_IDENTITY_MIN",
+    "RESERVED",
+    "Label",
+    "LabelSet",
+    "ReservedIdentity",
+    "parse_label",
+    "reserved_by_name",
+]
