@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -102,3 +103,27 @@ def validate_model(model: type[M], data: Any, prefix: str = "") -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ResourceError(errors_from_validation(exc, prefix)) from None
+
+
+Loc = tuple[str | int, ...]
+
+
+def raise_field_errors(title: str, problems: Sequence[tuple[Loc, str, Any]]) -> None:
+    """Raise cross-field problems from a pydantic validator so they keep their exact paths.
+
+    Each problem is ``(location relative to the model, message, offending value)``. Pydantic
+    prefixes the location with the model's own position, so an after-validator on a nested
+    model still reports ``spec.ports[1].name`` rather than just ``spec``. Does nothing when
+    ``problems`` is empty.
+    """
+    if not problems:
+        return
+    details = [
+        InitErrorDetails(
+            type=PydanticCustomError("value_error", "{message}", {"message": message}),
+            loc=loc,
+            input=value,
+        )
+        for loc, message, value in problems
+    ]
+    raise ValidationError.from_exception_data(title, details)
