@@ -93,7 +93,11 @@ def errors_from_validation(exc: ValidationError, prefix: str = "") -> list[Field
         path = format_path(loc)
         if prefix:
             path = f"{prefix}.{path}" if path else prefix
-        result.append(FieldError(path, str(err["msg"])))
+        message = str(err["msg"])
+        if err["type"] == "value_error":
+            # A validator's own ValueError already reads as a sentence; pydantic's prefix is noise.
+            message = message.removeprefix("Value error, ")
+        result.append(FieldError(path, message))
     return result
 
 

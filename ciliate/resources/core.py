@@ -83,7 +83,9 @@ def _name_problems(
 
 
 def metadata_problems(
-    resource: Resource, pattern: re.Pattern[str] = _DNS_SUBDOMAIN, max_len: int = 253,
+    resource: Resource,
+    pattern: re.Pattern[str] = _DNS_SUBDOMAIN,
+    max_len: int = 253,
     what: str = "DNS subdomain name",
 ) -> list[tuple[Loc, str, Any]]:
     """Name and namespace checks every stored kind shares (Kubernetes' naming rules)."""
@@ -150,11 +152,18 @@ class Container(Model):
         pairs = [(p.containerPort, p.protocol) for p in self.ports]
         raise_field_errors(
             "Container",
-            [(("ports", i, "name"), f"duplicate port name {names[i]!r}", names[i])
-             for i in duplicates(names)]
-            + [(("ports", i, "containerPort"),
-                f"duplicate port {pairs[i][0]}/{pairs[i][1]}", pairs[i][0])
-               for i in duplicates(pairs)],
+            [
+                (("ports", i, "name"), f"duplicate port name {names[i]!r}", names[i])
+                for i in duplicates(names)
+            ]
+            + [
+                (
+                    ("ports", i, "containerPort"),
+                    f"duplicate port {pairs[i][0]}/{pairs[i][1]}",
+                    pairs[i][0],
+                )
+                for i in duplicates(pairs)
+            ],
         )
         return self
 
