@@ -1,0 +1,1 @@
+"""Load-balancer service: Services, backends and Maglev tables."""

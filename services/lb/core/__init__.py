@@ -1,0 +1,1 @@
+"""Pure load-balancing algorithms (no I/O)."""
