@@ -4,8 +4,9 @@ consistency properties the load balancer relies on (even shares, small disruptio
 from __future__ import annotations
 
 import base64
+import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import mmh3
 import numpy as np
@@ -18,6 +19,7 @@ from services.lb.core.maglev import (
     DEFAULT_TABLE_SIZE,
     SUPPORTED_SIZES,
     MaglevBackend,
+    Table,
     backend_hash_key,
     build_table,
     build_table_reference,
@@ -90,6 +92,31 @@ def test_vectorized_murmur3_equals_mmh3(data: bytes, seed: int) -> None:
     h1, h2 = murmur3_x64_128(batch, seed)
     for key, a, b in zip(batch, h1, h2, strict=True):
         assert (int(a), int(b)) == mmh3.hash64(key, seed, signed=False)
+
+
+# Cilium's pkg/maglev TestReproducible: M=251, default seed, backends 0.0.0.{1,3,4,5} on
+# ports 1,3,4,5/TCP with weights 2/13/111/10 and ids 0..3; the table run-length encoded.
+CILIUM_REPRODUCIBLE_251 = (
+    "2(5),3(1),2(3),1(1),2(2),0(1),2(1),3(1),2(1),3(1),2(1),1(1),2(7),1(1),2(14),3(1),2(1),"
+    "1(2),2(12),3(1),2(3),1(1),2(4),3(1),2(8),3(1),2(2),1(1),2(16),1(2),2(3),3(1),2(11),1(2),"
+    "2(4),3(1),2(3),1(1),2(4),3(1),2(1),0(1),1(1),2(8),1(1),2(7),1(1),2(4),3(1),2(1),3(1),2(9),"
+    "1(2),2(5),1(1),2(7),3(1),2(1),3(1),1(1),2(8),1(1),2(4),0(1),2(1),1(1),2(5),3(1),2(3),1(1),"
+    "2(4),3(1),2(3),1(1),2(12),0(1),3(1),2(3),3(1),2(4),3(1),2(2),1(1),2(7)"
+)
+
+
+@pytest.mark.parametrize("build", [build_table, build_table_reference])
+def test_table_is_bit_identical_to_cilium_reproducible_table(
+    build: Callable[..., Table],
+) -> None:
+    weights = {1: 2, 3: 13, 4: 111, 5: 10}
+    backends = [
+        MaglevBackend(i, backend_hash_key(f"0.0.0.{a}", a), w)
+        for i, (a, w) in enumerate(weights.items())
+    ]
+    table = build(backends, 251)
+    runs = ",".join(f"{i}({len(list(g))})" for i, g in itertools.groupby(table.tolist()))
+    assert runs == CILIUM_REPRODUCIBLE_251
 
 
 def test_weighted_counts_match_cilium_test_suite() -> None:
