@@ -1,0 +1,1 @@
+"""The policy service: NetworkPolicy / CiliumNetworkPolicy compiled into policy-map entries."""
