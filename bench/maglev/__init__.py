@@ -1,0 +1,1 @@
+"""Maglev table build benchmark: ``python -m bench.maglev [--write]``."""
