@@ -1,0 +1,1 @@
+"""Per-node datapath agent: pod sandboxes, tc BPF policy enforcement, conntrack, flow events."""

@@ -1,0 +1,340 @@
+// Ciliate datapath: identity-based policy with conntrack on the host side of each pod's veth.
+//
+// Attached with tc clsact (direct-action):
+//   from_container  on the host veth's ingress  = packets leaving the pod  = egress policy
+//   to_container    on the host veth's egress   = packets entering the pod = ingress policy
+//
+// Placeholders (__NAME__) are filled by loader.py before compiling, once per agent.
+// Struct layouts must match services/datapath/maps.py (ctypes) and core/events.py (EVENT).
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+
+#define DIR_INGRESS 1
+#define DIR_EGRESS 2
+
+#define EP_ENFORCE_INGRESS 1
+#define EP_ENFORCE_EGRESS 2
+#define EP_AUDIT 4
+
+#define CT_SEEN_REPLY 1
+#define CT_TX_CLOSING 2
+#define CT_RX_CLOSING 4
+#define CT_RST 8
+
+#define TCPF_FIN 0x01
+#define TCPF_SYN 0x02
+#define TCPF_RST 0x04
+#define TCPF_ACK 0x10
+
+#define MSG_DROP 1
+#define MSG_POLICY_VERDICT 5
+#define VERDICT_FORWARDED 1
+#define VERDICT_DROPPED 2
+#define VERDICT_AUDIT 4
+#define DROP_POLICY_DENIED 133
+#define DROP_POLICY_DENY 181
+
+#define WORLD_IDENTITY 2
+#define POLICY_FULL_PREFIX 96
+
+struct ipcache_key {
+    u32 prefixlen;
+    u32 ip;  // network order
+};
+
+struct ipcache_val {
+    u32 identity;
+    u32 flags;
+};
+
+struct endpoint_key {
+    u32 ip;  // network order
+};
+
+struct endpoint_val {
+    u32 endpoint_id;
+    u32 identity;
+    u32 flags;
+};
+
+struct policy_key {
+    u32 prefixlen;
+    u32 local_identity;
+    u32 peer;
+    u8 direction;
+    u8 proto;
+    u16 dport;  // network order, so a prefix over its bits is a port block
+};
+
+struct policy_val {
+    u8 deny;
+    u8 match_type;
+    u16 proxy_port;
+    u32 pad;
+    u64 packets;
+    u64 bytes;
+};
+
+struct ct_key {
+    u32 saddr;
+    u32 daddr;
+    u16 sport;  // network order
+    u16 dport;
+    u8 proto;
+    u8 direction;
+    u16 pad;
+};
+
+struct ct_val {
+    u64 last_seen_ns;
+    u64 created_ns;
+    u64 packets;
+    u64 bytes;
+    u32 local_identity;
+    u32 peer_identity;
+    u32 flags;
+    u32 pad;
+};
+
+struct flow_event {
+    u64 ts_ns;
+    u32 src_identity;
+    u32 dst_identity;
+    u32 saddr;
+    u32 daddr;
+    u16 sport;  // host order
+    u16 dport;
+    u32 ifindex;
+    u32 len;
+    u32 endpoint_id;
+    u8 type;
+    u8 verdict;
+    u8 drop_reason;
+    u8 direction;
+    u8 proto;
+    u8 tcp_flags;
+    u8 is_reply;
+    u8 match_type;
+};
+
+BPF_TABLE_PINNED7("lpm_trie", struct ipcache_key, struct ipcache_val, cil_ipcache,
+                  __IPCACHE_SIZE__, "__PIN_DIR__/cil_ipcache", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct endpoint_key, struct endpoint_val, cil_lxc,
+                 __ENDPOINTS_SIZE__, "__PIN_DIR__/cil_lxc");
+BPF_TABLE_PINNED7("lpm_trie", struct policy_key, struct policy_val, cil_policy,
+                  __POLICY_MAP_SIZE__, "__PIN_DIR__/cil_policy", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, cil_ct_tcp,
+                 __CT_TCP_SIZE__, "__PIN_DIR__/cil_ct_tcp");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, cil_ct_any,
+                 __CT_ANY_SIZE__, "__PIN_DIR__/cil_ct_any");
+BPF_RINGBUF_OUTPUT(cil_events, __EVENTS_PAGES__);
+
+struct pkt {
+    u32 saddr;
+    u32 daddr;
+    u16 sport;
+    u16 dport;
+    u8 proto;
+    u8 tcp_flags;
+};
+
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p) {
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end)
+        return -1;
+    if (eth->h_proto != htons(ETH_P_IP))
+        return -1;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > end)
+        return -1;
+    p->saddr = ip->saddr;
+    p->daddr = ip->daddr;
+    p->proto = ip->protocol;
+    p->sport = 0;
+    p->dport = 0;
+    p->tcp_flags = 0;
+    if (ip->frag_off & htons(0x1FFF))  // non-first fragment: no L4 header
+        return 0;
+    u32 ihl = ip->ihl * 4;
+    if (ihl < 20 || ihl > 60)
+        return -1;
+    void *l4 = (void *)ip + ihl;
+    if (p->proto == IPPROTO_TCP) {
+        if (l4 + 14 > end)
+            return -1;
+        p->sport = *(u16 *)l4;
+        p->dport = *(u16 *)(l4 + 2);
+        p->tcp_flags = *(u8 *)(l4 + 13);
+    } else if (p->proto == IPPROTO_UDP || p->proto == IPPROTO_SCTP) {
+        if (l4 + 4 > end)
+            return -1;
+        p->sport = *(u16 *)l4;
+        p->dport = *(u16 *)(l4 + 2);
+    }
+    return 0;
+}
+
+static __always_inline struct ct_val *ct_lookup(struct ct_key *k) {
+    if (k->proto == IPPROTO_TCP)
+        return cil_ct_tcp.lookup(k);
+    return cil_ct_any.lookup(k);
+}
+
+static __always_inline void ct_create(struct ct_key *k, struct ct_val *v) {
+    if (k->proto == IPPROTO_TCP)
+        cil_ct_tcp.update(k, v);
+    else
+        cil_ct_any.update(k, v);
+}
+
+static __always_inline void ct_touch(struct ct_val *e, struct pkt *p, u32 len, int reply) {
+    e->last_seen_ns = bpf_ktime_get_ns();
+    __sync_fetch_and_add(&e->packets, 1);
+    __sync_fetch_and_add(&e->bytes, len);
+    u32 f = e->flags;
+    if (reply)
+        f |= CT_SEEN_REPLY;
+    if (p->tcp_flags & TCPF_RST)
+        f |= CT_RST;
+    if (p->tcp_flags & TCPF_FIN)
+        f |= reply ? CT_RX_CLOSING : CT_TX_CLOSING;
+    if (f != e->flags)
+        e->flags = f;
+}
+
+static __always_inline void emit(struct pkt *p, struct __sk_buff *skb, u8 type, u8 verdict,
+                                 u8 reason, u8 dir, u32 src_id, u32 dst_id, u32 ep_id,
+                                 u8 match) {
+    struct flow_event ev = {};
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.src_identity = src_id;
+    ev.dst_identity = dst_id;
+    ev.saddr = p->saddr;
+    ev.daddr = p->daddr;
+    ev.sport = ntohs(p->sport);
+    ev.dport = ntohs(p->dport);
+    ev.ifindex = skb->ifindex;
+    ev.len = skb->len;
+    ev.endpoint_id = ep_id;
+    ev.type = type;
+    ev.verdict = verdict;
+    ev.drop_reason = reason;
+    ev.direction = dir;
+    ev.proto = p->proto;
+    ev.tcp_flags = p->tcp_flags;
+    ev.is_reply = 0;
+    ev.match_type = match;
+    cil_events.ringbuf_output(&ev, sizeof(ev), 0);
+}
+
+static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
+    struct pkt p = {};
+    if (parse(skb, &p) < 0)
+        return TC_ACT_OK;
+
+    // The local endpoint is the pod on this veth: source when leaving, destination when entering.
+    struct endpoint_key ek = {.ip = dir == DIR_EGRESS ? p.saddr : p.daddr};
+    struct endpoint_val *ep = cil_lxc.lookup(&ek);
+    if (!ep)
+        return TC_ACT_OK;
+    u32 local_id = ep->identity;
+    u32 ep_id = ep->endpoint_id;
+    u32 ep_flags = ep->flags;
+
+    struct ct_key k = {.saddr = p.saddr, .daddr = p.daddr, .sport = p.sport, .dport = p.dport,
+                       .proto = p.proto, .direction = dir};
+    u8 syn_only = p.proto == IPPROTO_TCP && (p.tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
+    struct ct_val *e = ct_lookup(&k);
+    if (e && !syn_only) {
+        ct_touch(e, &p, skb->len, 0);
+        return TC_ACT_OK;
+    }
+    if (!e) {
+        // A reply to a connection opened the other way (same node, the other hook made it).
+        struct ct_key r = {.saddr = p.daddr, .daddr = p.saddr, .sport = p.dport, .dport = p.sport,
+                           .proto = p.proto,
+                           .direction = dir == DIR_EGRESS ? DIR_INGRESS : DIR_EGRESS};
+        struct ct_val *re = ct_lookup(&r);
+        if (re) {
+            ct_touch(re, &p, skb->len, 1);
+            return TC_ACT_OK;
+        }
+    }
+
+    // New connection (or a SYN reopening a tuple): decide policy once.
+    struct ipcache_key ik = {.prefixlen = 32, .ip = dir == DIR_EGRESS ? p.daddr : p.saddr};
+    struct ipcache_val *peer_v = cil_ipcache.lookup(&ik);
+    u32 peer_id = peer_v ? peer_v->identity : WORLD_IDENTITY;
+    u32 src_id = dir == DIR_EGRESS ? local_id : peer_id;
+    u32 dst_id = dir == DIR_EGRESS ? peer_id : local_id;
+
+    u32 enforce_bit = dir == DIR_EGRESS ? EP_ENFORCE_EGRESS : EP_ENFORCE_INGRESS;
+    struct ct_val nv = {};
+    nv.created_ns = bpf_ktime_get_ns();
+    nv.last_seen_ns = nv.created_ns;
+    nv.packets = 1;
+    nv.bytes = skb->len;
+    nv.local_identity = local_id;
+    nv.peer_identity = peer_id;
+    if (p.tcp_flags & TCPF_RST)
+        nv.flags |= CT_RST;
+
+    if (!(ep_flags & enforce_bit)) {
+        ct_create(&k, &nv);
+        return TC_ACT_OK;
+    }
+
+    struct policy_key pk = {.prefixlen = POLICY_FULL_PREFIX, .local_identity = local_id,
+                            .peer = peer_id, .direction = dir, .proto = p.proto,
+                            .dport = p.dport};
+    if (p.proto == IPPROTO_ICMP)
+        pk.dport = 0;
+    struct policy_val *by_peer = cil_policy.lookup(&pk);
+    pk.peer = 0;
+    struct policy_val *by_any = cil_policy.lookup(&pk);
+
+    struct policy_val *hit = 0;
+    u8 reason = DROP_POLICY_DENIED;
+    if (by_peer && by_peer->deny) {
+        hit = by_peer;
+        reason = DROP_POLICY_DENY;
+    } else if (by_any && by_any->deny) {
+        hit = by_any;
+        reason = DROP_POLICY_DENY;
+    } else if (by_peer) {
+        hit = by_peer;
+        reason = 0;
+    } else if (by_any) {
+        hit = by_any;
+        reason = 0;
+    }
+    u8 match = 0;
+    if (hit) {
+        __sync_fetch_and_add(&hit->packets, 1);
+        __sync_fetch_and_add(&hit->bytes, skb->len);
+        match = hit->match_type;
+    }
+    if (reason == 0) {
+        ct_create(&k, &nv);
+        emit(&p, skb, MSG_POLICY_VERDICT, VERDICT_FORWARDED, 0, dir, src_id, dst_id, ep_id, match);
+        return TC_ACT_OK;
+    }
+    if (ep_flags & EP_AUDIT) {
+        ct_create(&k, &nv);
+        emit(&p, skb, MSG_POLICY_VERDICT, VERDICT_AUDIT, reason, dir, src_id, dst_id, ep_id,
+             match);
+        return TC_ACT_OK;
+    }
+    emit(&p, skb, MSG_DROP, VERDICT_DROPPED, reason, dir, src_id, dst_id, ep_id, match);
+    return TC_ACT_SHOT;
+}
+
+int from_container(struct __sk_buff *skb) { return handle(skb, DIR_EGRESS); }
+
+int to_container(struct __sk_buff *skb) { return handle(skb, DIR_INGRESS); }

@@ -1,0 +1,239 @@
+"""Compile, load and attach the datapath programs (the one module that imports bcc), write the
+maps in planned order, collect conntrack garbage and read the event ring buffer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bcc import BPF  # type: ignore[import-not-found,unused-ignore]
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .core.conntrack import ct_expired
+from .core.events import EVENT_SIZE, EventDecoder
+from .core.plan import DesiredState, MapName, MapOp
+from .maps import (
+    PIN_ROOT,
+    EndpointKeyC,
+    NodeMaps,
+    _ip_bytes,
+    endpoint_val_c,
+    ipcache_key_c,
+    pin_dir,
+    policy_key_c,
+    policy_val_c,
+)
+
+BPF_SOURCE = Path(__file__).with_name("bpf") / "datapath.c"
+
+TC_INGRESS = "ffff:fff2"
+TC_EGRESS = "ffff:fff3"
+FILTER_PRIO = 1
+FILTER_HANDLE = 1
+
+
+@dataclass(frozen=True)
+class MapSizes:
+    """Cilium's defaults; tests shrink them."""
+
+    ct_tcp: int = 512 * 1024
+    ct_any: int = 256 * 1024
+    ipcache: int = 512 * 1024
+    endpoints: int = 65535
+    policy: int = 16384 * 64
+    events_pages: int = 64
+
+
+def render_source(pins: Path, sizes: MapSizes) -> str:
+    """Fill the placeholders of bpf/datapath.c."""
+    text = BPF_SOURCE.read_text()
+    for name, value in {
+        "__PIN_DIR__": str(pins),
+        "__CT_TCP_SIZE__": str(sizes.ct_tcp),
+        "__CT_ANY_SIZE__": str(sizes.ct_any),
+        "__IPCACHE_SIZE__": str(sizes.ipcache),
+        "__ENDPOINTS_SIZE__": str(sizes.endpoints),
+        "__POLICY_MAP_SIZE__": str(sizes.policy),
+        "__EVENTS_PAGES__": str(sizes.events_pages),
+    }.items():
+        text = text.replace(name, value)
+    return text
+
+
+class Datapath:
+    """One node's programs and maps. Compile once; attach to any number of host-side veths.
+
+    Maps are pinned under ``/sys/fs/bpf/ciliate/<node>/``: a new Datapath for the same node
+    reopens them with their contents, and re-attaching replaces the tc filters in place.
+    """
+
+    def __init__(self, node: str, *, sizes: MapSizes | None = None,
+                 pin_root: Path = PIN_ROOT) -> None:
+        self.node = node
+        self.pins = pin_dir(node, pin_root)
+        self.pins.mkdir(parents=True, exist_ok=True)
+        self.bpf = BPF(text=render_source(self.pins, sizes or MapSizes()))
+        self.fn_from = self.bpf.load_func("from_container", BPF.SCHED_CLS)
+        self.fn_to = self.bpf.load_func("to_container", BPF.SCHED_CLS)
+        self.maps = NodeMaps.open(self.pins)
+        self.applied = DesiredState()
+        self.decoder = EventDecoder()
+        self._ring_open = False
+
+    # --- attach ----------------------------------------------------------------------------
+
+    def attach(self, ifname: str, netns: str | None = None) -> None:
+        """clsact on ``ifname`` with both programs (replacing any older filters of ours)."""
+        with _ipr(netns) as ipr:
+            idx = _ifindex(ipr, ifname)
+            try:
+                ipr.tc("add", "clsact", idx)
+            except NetlinkError as e:
+                if e.code != 17:  # EEXIST: kept from an earlier agent
+                    raise
+            for fn, parent in ((self.fn_from, TC_INGRESS), (self.fn_to, TC_EGRESS)):
+                ipr.tc("replace-filter", "bpf", idx, FILTER_HANDLE, fd=fn.fd, name=fn.name,
+                       parent=parent, prio=FILTER_PRIO, protocol=0x0003, classid=1,
+                       direct_action=True)
+
+    def detach(self, ifname: str, netns: str | None = None) -> None:
+        with _ipr(netns) as ipr:
+            try:
+                idx = _ifindex(ipr, ifname)
+                ipr.tc("del", "clsact", idx)
+            except (NetlinkError, LookupError):
+                pass
+
+    # --- maps ------------------------------------------------------------------------------
+
+    def apply(self, ops: Iterable[MapOp]) -> int:
+        """Write ops in the given (planned) order; returns how many were written."""
+        n = 0
+        for op in ops:
+            self._write(op)
+            n += 1
+        return n
+
+    def sync(self, desired: DesiredState) -> int:
+        """Make the maps hold ``desired``; compared against what the maps hold now (so a
+        restarted agent converges without first wiping)."""
+        from .core.plan import plan
+
+        current = self.read_state()
+        n = self.apply(plan(current, desired))
+        self.applied = desired
+        return n
+
+    def read_state(self) -> DesiredState:
+        return DesiredState(
+            ipcache=self.maps.ipcache_entries(),
+            endpoints=self.maps.endpoint_entries(),
+            policy={k: v for k, v, _, _ in self.maps.policy_entries()},
+        )
+
+    def _write(self, op: MapOp) -> None:
+        if op.map is MapName.IPCACHE:
+            from .maps import IPCacheValC
+
+            if op.value is None:
+                self.maps.ipcache.delete(ipcache_key_c(op.key))
+            else:
+                self.maps.ipcache.put(ipcache_key_c(op.key), IPCacheValC(int(op.value), 0))
+        elif op.map is MapName.ENDPOINTS:
+            key = EndpointKeyC(_ip_bytes(op.key))
+            if op.value is None:
+                self.maps.endpoints.delete(key)
+            else:
+                self.maps.endpoints.put(key, endpoint_val_c(op.value))
+        else:
+            pkey = policy_key_c(op.key)
+            if op.value is None:
+                self.maps.policy.delete(pkey)
+            else:
+                old = self.maps.policy.get(pkey)
+                val = policy_val_c(op.value)
+                if old is not None:  # keep the counters across an update
+                    val.packets, val.bytes = old.packets, old.bytes
+                self.maps.policy.put(pkey, val)
+
+    # --- conntrack -------------------------------------------------------------------------
+
+    def ct_gc(self, now_ns: int | None = None) -> int:
+        """Delete entries idle past their lifetime; returns how many."""
+        now = now_ns if now_ns is not None else time.monotonic_ns()
+        removed = 0
+        for m in (self.maps.ct_tcp, self.maps.ct_any):
+            for k, v in list(m.items()):
+                if ct_expired(int(k.proto), int(v.flags), int(v.last_seen_ns), now):
+                    removed += int(m.delete(k))
+        return removed
+
+    def ct_flush(self) -> int:
+        removed = 0
+        for m in (self.maps.ct_tcp, self.maps.ct_any):
+            for k in list(m.keys()):
+                removed += int(m.delete(k))
+        return removed
+
+    # --- events ----------------------------------------------------------------------------
+
+    def poll_events(self, timeout_ms: int = 0) -> list[dict[str, Any]]:
+        """Flows decoded from the ring buffer since the last call."""
+        if not self._ring_open:
+            self.bpf["cil_events"].open_ring_buffer(self._on_event)
+            self._ring_open = True
+        self.bpf.ring_buffer_poll(timeout_ms)
+        return self.decoder.drain()
+
+    def _on_event(self, _ctx: Any, data: Any, size: int) -> None:
+        self.decoder.feed(ctypes.string_at(data, min(size, EVENT_SIZE)))
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release this process's handles; attached filters and pinned maps stay."""
+        self.maps.close()
+        self.bpf.cleanup()
+
+    def destroy(self) -> None:
+        """Close and unpin every map (the node is gone)."""
+        self.close()
+        unpin(self.pins)
+
+
+def unpin(pins: Path) -> None:
+    if pins.exists():
+        for p in pins.iterdir():
+            p.unlink()
+        pins.rmdir()
+
+
+class _ipr:
+    """An IPRoute bound to a network namespace (None = ours)."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self.ipr: Any = None
+
+    def __enter__(self) -> Any:
+        self.ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
+        return self.ipr
+
+    def __exit__(self, *exc: object) -> None:
+        self.ipr.close()
+
+
+def _ifindex(ipr: Any, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise LookupError(f"no link {ifname!r}")
+    return int(found[0])
+
+
+EventCallback = Callable[[dict[str, Any]], None]
