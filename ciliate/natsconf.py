@@ -124,7 +124,8 @@ def users(access: Mapping[str, Access] = ACCESS) -> dict[str, Permissions]:
 
 def _value(text: str) -> str:
     """A NATS config value: variable references bare, everything else JSON-quoted."""
-    return text if text.startswith("$") and text[1:].replace("_", "").isalnum() else json.dumps(text)
+    is_reference = text.startswith("$") and text[1:].replace("_", "").isalnum()
+    return text if is_reference else json.dumps(text)
 
 
 def _subject_list(subjects: tuple[str, ...], indent: str) -> list[str]:

@@ -40,6 +40,7 @@ class Bus:
         self._kv: dict[Bucket, KV] = {}
         self.reconnects = 0
         self.reconnected = asyncio.Event()
+        self.closing = False
 
     @classmethod
     async def connect(
@@ -55,6 +56,9 @@ class Bus:
         holder: dict[str, Bus] = {}
 
         async def disconnected() -> None:
+            bus = holder.get("bus")
+            if bus is not None and bus.closing:
+                return
             log.warning("bus: disconnected from NATS at %s; reconnecting", url)
 
         async def reconnected() -> None:
@@ -67,7 +71,7 @@ class Bus:
         async def error(exc: Exception) -> None:
             log.warning("bus: %s", exc)
 
-        nc = await nats.connect(
+        options: dict[str, Any] = dict(
             servers=[url],
             name=name,
             user=user,
@@ -81,8 +85,18 @@ class Bus:
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
             error_cb=error,
-            retry_on_failed_connect=retry_on_failed_connect,
         )
+        delay = 0.1
+        while True:
+            try:
+                nc = await nats.connect(**options)
+                break
+            except (OSError, nats.errors.Error, TimeoutError) as exc:
+                if not retry_on_failed_connect:
+                    raise
+                log.warning("bus: NATS at %s not reachable (%s); retrying", url, exc)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
         bus = cls(nc, name)
         holder["bus"] = bus
         return bus
@@ -95,6 +109,7 @@ class Bus:
         """Drain subscriptions (in-flight handlers finish) and close."""
         if self.nc.is_closed:
             return
+        self.closing = True
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=5)
         except (TimeoutError, nats.errors.Error):

@@ -26,8 +26,8 @@ def unpack(data: bytes) -> Any:
     if len(data) > MAX_PAYLOAD:
         raise DecodeError(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD}")
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, max_buffer_size=MAX_PAYLOAD)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
         raise DecodeError(f"invalid msgpack: {exc}") from None
-    except Exception as exc:  # msgpack raises assorted types on hostile input
+    except Exception as exc:  # noqa: BLE001 - msgpack raises assorted types on hostile input
         raise DecodeError(f"invalid msgpack: {type(exc).__name__}") from None

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, Field, StrictBool, StrictInt, model_validator
+from pydantic import AfterValidator, Field, PlainValidator, StrictBool, StrictInt, model_validator
 
 from ciliate.resources.base import Loc, Model, Resource, raise_field_errors
 
@@ -266,7 +266,19 @@ class LbAlgorithm(StrEnum):
 
 LB_ALGORITHM_ANNOTATION = "service.cilium.io/lb-algorithm"
 
-TargetPort = PortNumber | PortName
+
+def _target_port(value: Any) -> int | str:
+    """Kubernetes' IntOrString for targetPort: a port number or a container port name."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= 65535:
+            raise ValueError(f"port {value} out of range 1-65535")
+        return value
+    if isinstance(value, str):
+        return _port_name(value)
+    raise ValueError("must be a port number or a port name")
+
+
+TargetPort = Annotated[int | str, PlainValidator(_target_port)]
 
 
 class ServicePort(Model):

@@ -1,0 +1,3 @@
+from ciliate.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The embedded stack behind ``ciliate up``: NATS, SQLite and every service as a process."""

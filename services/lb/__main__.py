@@ -1,0 +1,4 @@
+from ciliate.runner import main
+from services.lb.service import SPEC
+
+main(SPEC)
