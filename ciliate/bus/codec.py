@@ -29,5 +29,5 @@ def unpack(data: bytes) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
         raise DecodeError(f"invalid msgpack: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - msgpack raises assorted types on hostile input
+    except Exception as exc:  # msgpack raises assorted types on hostile input
         raise DecodeError(f"invalid msgpack: {type(exc).__name__}") from None
