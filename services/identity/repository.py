@@ -1,0 +1,475 @@
+"""SQL state of the identity service: identities, IP allocations, node CIDRs, endpoint ids.
+
+Every method works inside the caller's session and never commits (the unit of work does).
+Replicas stay consistent through constraints, not locks held in Python:
+- one label set, one identity: ``label_key`` is UNIQUE and new rows go in with
+  ``INSERT ... ON CONFLICT DO NOTHING RETURNING``; a row another replica inserted first is then
+  taken over by reference (``UPDATE ... RETURNING``);
+- no id handed out twice: ``id`` is the primary key; a candidate id another replica took makes
+  the insert return nothing for that row, and the allocator picks again.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ciliate.labels import LabelSet
+from ciliate.store import Database, metadata
+from services.identity.core.allocator import (
+    DEFAULT_GRACE_SECONDS,
+    IdPool,
+    Scope,
+    gc_cutoff,
+    reserved_id_for,
+    scope_of,
+)
+from services.identity.core.endpoints import next_endpoint_id
+from services.identity.core.ipam import Ipam, IpamError
+
+identities = sa.Table(
+    "identities",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("label_key", sa.Text, nullable=False, unique=True),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("refcount", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("released_at", sa.Float, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+ip_allocations = sa.Table(
+    "ip_allocations",
+    metadata,
+    sa.Column("ip", sa.String(45), primary_key=True),
+    sa.Column("owner", sa.String(512), nullable=False, index=True),
+    sa.Column("node", sa.String(253), nullable=False, server_default=""),
+    sa.Column("pool", sa.String(64), nullable=True, index=True),
+)
+node_cidrs = sa.Table(
+    "node_cidrs",
+    metadata,
+    sa.Column("node", sa.String(253), primary_key=True),
+    sa.Column("cidr", sa.String(64), nullable=False, unique=True),
+)
+endpoint_ids = sa.Table(
+    "endpoint_ids",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("owner", sa.String(512), nullable=False, unique=True),
+)
+
+T = TypeVar("T")
+CHUNK = 1000
+"""Rows per statement: well inside SQLite's and asyncpg's bound-parameter limits."""
+MAX_ATTEMPTS = 50
+
+
+class AllocationFailed(RuntimeError):
+    """Candidate ids kept colliding with other replicas' (a near-full pool)."""
+
+
+class IpConflict(ValueError):
+    """The address is already held by another pod."""
+
+    def __init__(self, ip: str, holder: str) -> None:
+        super().__init__(f"{ip} is already assigned to {holder}")
+        self.ip = ip
+        self.holder = holder
+
+
+@dataclass(frozen=True)
+class Identity:
+    id: int
+    labels: list[str]
+    refcount: int = 0
+    released_at: float | None = None
+
+
+def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+"""Serialization failure and deadlock: the transaction as a whole may simply run again."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A PostgreSQL deadlock or serialization failure (SQLite serialises writers instead)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code is None and orig is not None:
+        code = getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+    return code in RETRYABLE_SQLSTATES or "deadlock detected" in str(exc)
+
+
+async def run_in_transaction(
+    db: Database, work: Callable[[AsyncSession], Awaitable[T]], attempts: int = 5
+) -> T:
+    """Run ``work`` in its own unit of work and commit; run it again after a deadlock."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with db.unit_of_work() as uow:
+                result = await work(uow.session)
+                await uow.commit()
+                return result
+        except DBAPIError as exc:
+            if attempt == attempts or not is_retryable(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _insert(session: AsyncSession, table: sa.Table) -> Any:
+    """The dialect's INSERT that supports ``on_conflict_do_nothing``."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def _is_postgres(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+@dataclass
+class IdentityAllocator:
+    """Per-process allocator state (the id pools, a cache of taken ids) plus the SQL steps."""
+
+    grace: float = DEFAULT_GRACE_SECONDS
+    rng: random.Random = field(default_factory=random.Random)
+    pools: dict[Scope, IdPool] = field(default_factory=dict)
+    _loaded: bool = False
+
+    def pool(self, scope: Scope) -> IdPool:
+        if scope not in self.pools:
+            self.pools[scope] = IdPool(scope, rng=self.rng)
+        return self.pools[scope]
+
+    async def _load_taken(self, session: AsyncSession) -> None:
+        rows = await session.execute(sa.select(identities.c.id))
+        ids = [int(r[0]) for r in rows]
+        for scope in Scope:
+            self.pool(scope).taken = set()
+            self.pool(scope).mark_taken(ids)
+        self._loaded = True
+
+    async def allocate(
+        self, session: AsyncSession, label_sets: Sequence[LabelSet], now: float | None = None
+    ) -> list[int]:
+        """One identity per label set (same set, same id), each taking one reference.
+
+        Reserved label sets map to their reserved numbers and are not stored.
+        """
+        now = time.time() if now is None else now
+        if not self._loaded:
+            await self._load_taken(session)
+        result: dict[str, int] = {}
+        wanted: Counter[str] = Counter()
+        by_key: dict[str, LabelSet] = {}
+        for ls in label_sets:
+            reserved = reserved_id_for(ls)
+            key = ls.canonical()
+            if reserved is not None:
+                result[key] = reserved
+                continue
+            wanted[key] += 1
+            by_key[key] = ls
+        missing = await self._take_existing(session, wanted, result)
+        attempts = 0
+        while missing:
+            attempts += 1
+            if attempts > MAX_ATTEMPTS:
+                raise AllocationFailed(f"{len(missing)} label sets could not get an id")
+            missing = await self._insert_new(session, sorted(missing), wanted, by_key, now, result)
+            if missing:
+                missing = await self._take_existing(
+                    session, Counter({k: wanted[k] for k in missing}), result
+                )
+        return [result[ls.canonical()] for ls in label_sets]
+
+    async def _take_existing(
+        self, session: AsyncSession, wanted: Counter[str], result: dict[str, int]
+    ) -> set[str]:
+        """Add references to rows that exist; returns the keys that have no row."""
+        by_count: dict[int, list[str]] = {}
+        for key, count in wanted.items():
+            by_count.setdefault(count, []).append(key)
+        missing = set(wanted)
+        for count, keys in by_count.items():
+            for chunk in _chunks(sorted(keys)):
+                # Lock the rows in key order first, so two replicas taking references to
+                # overlapping label sets queue behind each other instead of deadlocking.
+                in_key_order = (
+                    sa.select(identities.c.id)
+                    .where(identities.c.label_key.in_(chunk))
+                    .order_by(identities.c.label_key)
+                    .with_for_update()
+                )
+                rows = await session.execute(
+                    identities.update()
+                    .where(identities.c.id.in_(in_key_order.scalar_subquery()))
+                    .values(refcount=identities.c.refcount + count, released_at=None)
+                    .returning(identities.c.id, identities.c.label_key)
+                )
+                for ident, key in rows:
+                    result[key] = int(ident)
+                    missing.discard(key)
+        return missing
+
+    async def _insert_new(
+        self,
+        session: AsyncSession,
+        keys: list[str],
+        wanted: Counter[str],
+        by_key: dict[str, LabelSet],
+        now: float,
+        result: dict[str, int],
+    ) -> set[str]:
+        """Insert rows with fresh candidate ids; returns the keys that did not go in."""
+        rows: list[dict[str, Any]] = []
+        for scope in Scope:
+            scoped = [k for k in keys if scope_of(by_key[k]) is scope]
+            ids = self.pool(scope).candidates(len(scoped))
+            rows += [
+                {
+                    "id": ident,
+                    "label_key": key,
+                    "labels": by_key[key].sorted_strings(),
+                    "refcount": wanted[key],
+                    "released_at": None,
+                    "created_at": now,
+                }
+                for key, ident in zip(scoped, ids, strict=True)
+            ]
+        inserted: set[str] = set()
+        for chunk in _chunks(rows):
+            stmt = (
+                _insert(session, identities)
+                .values(list(chunk))
+                .on_conflict_do_nothing()
+                .returning(identities.c.id, identities.c.label_key)
+            )
+            got = list(await session.execute(stmt))
+            for ident, key in got:
+                result[key] = int(ident)
+                inserted.add(key)
+        # Every candidate id is now either ours or someone else's: never offer it again.
+        for scope in Scope:
+            self.pool(scope).mark_taken(row["id"] for row in rows)
+        return set(keys) - inserted
+
+    async def release(
+        self, session: AsyncSession, ids: Sequence[int], now: float | None = None
+    ) -> list[int]:
+        """Drop one reference per listed id; returns the ids now unreferenced."""
+        now = time.time() if now is None else now
+        counts = Counter(i for i in ids if any(s.contains(i) for s in Scope))
+        by_count: dict[int, list[int]] = {}
+        for ident, count in counts.items():
+            by_count.setdefault(count, []).append(ident)
+        unreferenced: list[int] = []
+        for count, group in by_count.items():
+            for chunk in _chunks(sorted(group)):
+                left = sa.case(
+                    (identities.c.refcount > count, identities.c.refcount - count), else_=0
+                )
+                rows = await session.execute(
+                    identities.update()
+                    .where(identities.c.id.in_(chunk))
+                    .values(
+                        refcount=left,
+                        released_at=sa.case(
+                            (identities.c.refcount > count, None),
+                            else_=sa.func.coalesce(identities.c.released_at, now),
+                        ),
+                    )
+                    .returning(identities.c.id, identities.c.refcount)
+                )
+                unreferenced += [int(i) for i, refs in rows if refs == 0]
+        return sorted(unreferenced)
+
+    async def collect_garbage(self, session: AsyncSession, now: float | None = None) -> list[int]:
+        """Delete identities unreferenced for the whole grace period; their ids become free."""
+        now = time.time() if now is None else now
+        rows = await session.execute(
+            identities.delete()
+            .where(identities.c.refcount == 0)
+            .where(identities.c.released_at <= gc_cutoff(now, self.grace))
+            .returning(identities.c.id)
+        )
+        gone = sorted(int(r[0]) for r in rows)
+        for pool in self.pools.values():
+            pool.mark_free(gone)
+        return gone
+
+    async def lookup(self, session: AsyncSession, keys: Sequence[str]) -> dict[str, int]:
+        """Canonical label key -> id for the keys that have an identity (no reference taken)."""
+        found: dict[str, int] = {}
+        for chunk in _chunks(sorted(set(keys))):
+            rows = await session.execute(
+                sa.select(identities.c.id, identities.c.label_key).where(
+                    identities.c.label_key.in_(chunk)
+                )
+            )
+            found.update({key: int(ident) for ident, key in rows})
+        return found
+
+    async def get(self, session: AsyncSession, ident: int) -> Identity | None:
+        row = (await session.execute(sa.select(identities).where(identities.c.id == ident))).first()
+        return None if row is None else _identity(row)
+
+    async def list_all(self, session: AsyncSession) -> list[Identity]:
+        rows = await session.execute(sa.select(identities).order_by(identities.c.id))
+        return [_identity(r) for r in rows]
+
+
+def _identity(row: Any) -> Identity:
+    return Identity(
+        id=int(row.id),
+        labels=list(row.labels),
+        refcount=int(row.refcount),
+        released_at=row.released_at,
+    )
+
+
+@dataclass(frozen=True)
+class IpAllocation:
+    ip: str
+    owner: str
+    node: str
+
+
+class AddressRepository:
+    """Pod addresses, node pod CIDRs and endpoint ids."""
+
+    def __init__(self, session: AsyncSession, ipam: Ipam | None = None) -> None:
+        self.session = session
+        self.ipam = ipam or Ipam()
+
+    async def node_cidr(self, node: str) -> str:
+        """The node's pod CIDR, assigning the next free one on first use."""
+        for _ in range(MAX_ATTEMPTS):
+            row = (
+                await self.session.execute(
+                    sa.select(node_cidrs.c.cidr).where(node_cidrs.c.node == node)
+                )
+            ).first()
+            if row is not None:
+                return str(row[0])
+            taken = {str(r[0]) for r in await self.session.execute(sa.select(node_cidrs.c.cidr))}
+            cidr = self.ipam.next_node_cidr(taken)
+            await self.session.execute(
+                _insert(self.session, node_cidrs)
+                .values(node=node, cidr=cidr)
+                .on_conflict_do_nothing()
+            )
+        raise IpamError("spec.nodeName", f"could not assign a pod CIDR to node {node}")
+
+    async def node_of_cidr(self, cidr: str) -> str | None:
+        row = (
+            await self.session.execute(
+                sa.select(node_cidrs.c.node).where(node_cidrs.c.cidr == cidr)
+            )
+        ).first()
+        return None if row is None else str(row[0])
+
+    async def list_node_cidrs(self) -> dict[str, str]:
+        rows = await self.session.execute(sa.select(node_cidrs.c.node, node_cidrs.c.cidr))
+        return {str(n): str(c) for n, c in rows}
+
+    async def claim(self, ip: str, owner: str, node: str) -> None:
+        """Record a given address; IpConflict if another owner holds it."""
+        pool = self.ipam.node_cidr_of(ip)
+        got = (
+            await self.session.execute(
+                _insert(self.session, ip_allocations)
+                .values(ip=ip, owner=owner, node=node, pool=pool)
+                .on_conflict_do_nothing()
+                .returning(ip_allocations.c.ip)
+            )
+        ).first()
+        if got is not None:
+            return
+        holder = (
+            await self.session.execute(
+                sa.select(ip_allocations.c.owner).where(ip_allocations.c.ip == ip)
+            )
+        ).scalar_one()
+        if holder != owner:
+            raise IpConflict(ip, str(holder))
+        await self.session.execute(
+            ip_allocations.update().where(ip_allocations.c.ip == ip).values(node=node)
+        )
+
+    async def allocate(self, owner: str, node: str) -> str:
+        """The next free address of the node's pod CIDR, recorded for ``owner``."""
+        cidr = await self.node_cidr(node)
+        for skip in range(MAX_ATTEMPTS):
+            taken = {
+                str(r[0])
+                for r in await self.session.execute(
+                    sa.select(ip_allocations.c.ip).where(ip_allocations.c.pool == cidr)
+                )
+            }
+            ip = self.ipam.next_address(cidr, taken, skip=skip)
+            got = (
+                await self.session.execute(
+                    _insert(self.session, ip_allocations)
+                    .values(ip=ip, owner=owner, node=node, pool=cidr)
+                    .on_conflict_do_nothing()
+                    .returning(ip_allocations.c.ip)
+                )
+            ).first()
+            if got is not None:
+                return ip
+        raise IpamError("status.podIP", f"could not allocate an address in {cidr}")
+
+    async def of_owner(self, owner: str) -> list[str]:
+        rows = await self.session.execute(
+            sa.select(ip_allocations.c.ip).where(ip_allocations.c.owner == owner)
+        )
+        return sorted(str(r[0]) for r in rows)
+
+    async def release(self, owner: str, keep: Iterable[str] = ()) -> list[str]:
+        """Free the owner's addresses except ``keep``; returns what was freed."""
+        stmt = ip_allocations.delete().where(ip_allocations.c.owner == owner)
+        kept = list(keep)
+        if kept:
+            stmt = stmt.where(ip_allocations.c.ip.not_in(kept))
+        rows = await self.session.execute(stmt.returning(ip_allocations.c.ip))
+        return sorted(str(r[0]) for r in rows)
+
+    async def list_all(self) -> list[IpAllocation]:
+        rows = await self.session.execute(sa.select(ip_allocations).order_by(ip_allocations.c.ip))
+        return [IpAllocation(str(r.ip), str(r.owner), str(r.node)) for r in rows]
+
+    async def endpoint_id(self, owner: str) -> int:
+        """The owner's endpoint id, allocating the lowest free one on first use."""
+        for skip in range(MAX_ATTEMPTS):
+            row = (
+                await self.session.execute(
+                    sa.select(endpoint_ids.c.id).where(endpoint_ids.c.owner == owner)
+                )
+            ).first()
+            if row is not None:
+                return int(row[0])
+            taken = {int(r[0]) for r in await self.session.execute(sa.select(endpoint_ids.c.id))}
+            await self.session.execute(
+                _insert(self.session, endpoint_ids)
+                .values(id=next_endpoint_id(taken, skip=skip), owner=owner)
+                .on_conflict_do_nothing()
+            )
+        raise RuntimeError(f"could not allocate an endpoint id for {owner}")
+
+    async def release_endpoint_id(self, owner: str) -> None:
+        await self.session.execute(endpoint_ids.delete().where(endpoint_ids.c.owner == owner))
