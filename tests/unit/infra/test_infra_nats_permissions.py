@@ -1,0 +1,155 @@
+"""The rendered NATS config enforces what ACCESS says, against a real nats-server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from ciliate import natsconf
+from ciliate.bus.subjects import IDENTITY_ALLOCATE, Bucket, flows
+
+SERVER = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
+pytestmark = pytest.mark.skipif(not Path(SERVER).exists(), reason="nats-server not installed")
+DEADLINE = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    base = tmp_path_factory.mktemp("nats")
+    port, monitor = free_port(), free_port()
+    conf = base / "nats.conf"
+    passwords = {user: f"pw-{user}" for user in natsconf.users()}
+    conf.write_text(
+        natsconf.render(
+            passwords=passwords, store_dir=str(base / "js"), port=port, monitor_port=monitor
+        )
+    )
+    proc = subprocess.Popen(
+        [SERVER, "-c", str(conf), "-a", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            assert proc.poll() is None, "nats-server exited"
+            assert time.monotonic() < deadline, "nats-server did not start"
+            time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class Session:
+    """A connection as one user, collecting the server's permission errors."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc = NATS()
+
+    async def error_cb(self, exc: Exception) -> None:
+        self.errors.append(str(exc))
+
+    async def violation(self, subject: str) -> bool:
+        """True once the server reported a permissions violation naming ``subject``."""
+        await self.nc.flush()
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while asyncio.get_running_loop().time() < deadline:
+            # nats-py lower-cases the server's "-ERR Permissions Violation ..." text.
+            said = [e.lower() for e in self.errors]
+            if any("permissions violation" in e and subject.lower() in e for e in said):
+                return True
+            if self.errors:
+                print(self.errors)
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+
+@contextlib.asynccontextmanager
+async def session(url: str, user: str) -> AsyncIterator[Session]:
+    s = Session()
+    await s.nc.connect(
+        f"nats://{user}:pw-{user}@{url}", error_cb=s.error_cb, allow_reconnect=False
+    )
+    try:
+        yield s
+    finally:
+        await s.nc.close()
+
+
+async def test_a_writer_puts_and_a_reader_watches_its_bucket(server_url: str) -> None:
+    async with session(server_url, "lb") as lb, session(server_url, "datapath") as dp:
+        kv = await lb.nc.jetstream().create_key_value(bucket=Bucket.LB.value)
+        await kv.put("svc1", b"v1")
+        reader = await dp.nc.jetstream().key_value(Bucket.LB.value)
+        entry = await reader.get("svc1")
+        assert entry.value == b"v1"
+        watcher = await reader.watchall()
+        first = await watcher.updates(timeout=DEADLINE)  # type: ignore[no-untyped-call]
+        assert first is not None and first.key == "svc1"
+        await watcher.stop()  # type: ignore[no-untyped-call]
+        assert not lb.errors and not dp.errors
+
+
+async def test_a_reader_cannot_write_another_services_bucket(server_url: str) -> None:
+    async with session(server_url, "policy") as policy, session(server_url, "datapath") as dp:
+        await policy.nc.jetstream().create_key_value(bucket=Bucket.POLICY.value)
+        await dp.nc.publish("$KV.policy.100", b"forged")
+        assert await dp.violation("$KV.policy.100")
+
+
+async def test_requests_reach_the_serving_service_and_replies_come_back(server_url: str) -> None:
+    async with session(server_url, "identity") as ident, session(server_url, "policy") as policy:
+
+        async def answer(msg: Msg) -> None:
+            await msg.respond(b"id:" + msg.data)
+
+        await ident.nc.subscribe(IDENTITY_ALLOCATE, queue="ciliate-identity", cb=answer)
+        await ident.nc.flush()
+        reply = await policy.nc.request(IDENTITY_ALLOCATE, b"k8s:app=x", timeout=DEADLINE)
+        assert reply.data == b"id:k8s:app=x"
+        assert not ident.errors and not policy.errors
+
+
+async def test_only_the_node_agent_publishes_flows(server_url: str) -> None:
+    async with session(server_url, "events") as events, session(server_url, "datapath") as dp:
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def collect(msg: Msg) -> None:
+            await got.put(msg.data)
+
+        await events.nc.subscribe("flows.*", cb=collect)
+        await events.nc.flush()
+        await dp.nc.publish(flows("node1"), b"flow")
+        assert await asyncio.wait_for(got.get(), DEADLINE) == b"flow"
+        await events.nc.publish(flows("node1"), b"forged")
+        assert await events.violation(flows("node1"))
+
+
+async def test_services_write_only_their_own_heartbeat_keys(server_url: str) -> None:
+    async with session(server_url, "datapath") as dp:
+        kv = await dp.nc.jetstream().create_key_value(bucket=Bucket.HEARTBEATS.value)
+        await kv.put("datapath.node1", b"alive")
+        await dp.nc.publish("$KV.heartbeats.identity.x", b"forged")
+        assert await dp.violation("$KV.heartbeats.identity.x")
