@@ -1,0 +1,1 @@
+"""The events service's pure core: rings, filters, queries, metrics, fan-out, export rules."""
