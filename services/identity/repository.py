@@ -60,12 +60,15 @@ node_cidrs = sa.Table(
     sa.Column("node", sa.String(253), primary_key=True),
     sa.Column("cidr", sa.String(64), nullable=False, unique=True),
 )
-endpoint_ids = sa.Table(
-    "endpoint_ids",
+endpoints = sa.Table(
+    "endpoints",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("owner", sa.String(512), nullable=False, unique=True),
+    sa.Column("identity", sa.BigInteger, nullable=True),
+    sa.Column("record", sa.JSON, nullable=True),
 )
+"""One row per pod: its endpoint id, the identity it holds a reference to, its KV record."""
 
 T = TypeVar("T")
 CHUNK = 1000
@@ -164,11 +167,16 @@ class IdentityAllocator:
         self._loaded = True
 
     async def allocate(
-        self, session: AsyncSession, label_sets: Sequence[LabelSet], now: float | None = None
+        self,
+        session: AsyncSession,
+        label_sets: Sequence[LabelSet],
+        now: float | None = None,
+        created: set[int] | None = None,
     ) -> list[int]:
         """One identity per label set (same set, same id), each taking one reference.
 
-        Reserved label sets map to their reserved numbers and are not stored.
+        Ids of rows this call inserted are added to ``created`` when given. Reserved label
+        sets map to their reserved numbers and are not stored.
         """
         now = time.time() if now is None else now
         if not self._loaded:
@@ -190,7 +198,9 @@ class IdentityAllocator:
             attempts += 1
             if attempts > MAX_ATTEMPTS:
                 raise AllocationFailed(f"{len(missing)} label sets could not get an id")
-            missing = await self._insert_new(session, sorted(missing), wanted, by_key, now, result)
+            missing = await self._insert_new(
+                session, sorted(missing), wanted, by_key, now, result, created
+            )
             if missing:
                 missing = await self._take_existing(
                     session, Counter({k: wanted[k] for k in missing}), result
@@ -234,6 +244,7 @@ class IdentityAllocator:
         by_key: dict[str, LabelSet],
         now: float,
         result: dict[str, int],
+        created: set[int] | None,
     ) -> set[str]:
         """Insert rows with fresh candidate ids; returns the keys that did not go in."""
         rows: list[dict[str, Any]] = []
@@ -263,6 +274,8 @@ class IdentityAllocator:
             for ident, key in got:
                 result[key] = int(ident)
                 inserted.add(key)
+                if created is not None:
+                    created.add(int(ident))
         # Every candidate id is now either ours or someone else's: never offer it again.
         for scope in Scope:
             self.pool(scope).mark_taken(row["id"] for row in rows)
@@ -458,18 +471,46 @@ class AddressRepository:
         for skip in range(MAX_ATTEMPTS):
             row = (
                 await self.session.execute(
-                    sa.select(endpoint_ids.c.id).where(endpoint_ids.c.owner == owner)
+                    sa.select(endpoints.c.id).where(endpoints.c.owner == owner)
                 )
             ).first()
             if row is not None:
                 return int(row[0])
-            taken = {int(r[0]) for r in await self.session.execute(sa.select(endpoint_ids.c.id))}
+            taken = {int(r[0]) for r in await self.session.execute(sa.select(endpoints.c.id))}
             await self.session.execute(
-                _insert(self.session, endpoint_ids)
+                _insert(self.session, endpoints)
                 .values(id=next_endpoint_id(taken, skip=skip), owner=owner)
                 .on_conflict_do_nothing()
             )
         raise RuntimeError(f"could not allocate an endpoint id for {owner}")
 
     async def release_endpoint_id(self, owner: str) -> None:
-        await self.session.execute(endpoint_ids.delete().where(endpoint_ids.c.owner == owner))
+        await self.session.execute(endpoints.delete().where(endpoints.c.owner == owner))
+
+    async def endpoint(self, owner: str) -> tuple[int | None, dict[str, Any] | None]:
+        """(identity held, KV record) of a pod's endpoint, or (None, None)."""
+        row = (
+            await self.session.execute(
+                sa.select(endpoints.c.identity, endpoints.c.record).where(
+                    endpoints.c.owner == owner
+                )
+            )
+        ).first()
+        if row is None:
+            return None, None
+        return (None if row[0] is None else int(row[0])), row[1]
+
+    async def save_endpoint(self, owner: str, identity: int, record: dict[str, Any]) -> None:
+        await self.session.execute(
+            endpoints.update()
+            .where(endpoints.c.owner == owner)
+            .values(identity=identity, record=record)
+        )
+
+    async def list_endpoints(self) -> list[dict[str, Any]]:
+        rows = await self.session.execute(
+            sa.select(endpoints.c.record)
+            .where(endpoints.c.record.is_not(None))
+            .order_by(endpoints.c.id)
+        )
+        return [dict(r[0]) for r in rows]

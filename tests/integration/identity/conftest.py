@@ -61,7 +61,7 @@ async def _sqlite(tmp_path: Path) -> Database:
 async def _emptied_pg(url: str) -> Database:
     db = Database(url)
     async with db.unit_of_work() as uow:
-        for table in ("identities", "ip_allocations", "node_cidrs", "endpoint_ids"):
+        for table in ("identities", "ip_allocations", "node_cidrs", "endpoints"):
             await uow.session.execute(sa.text(f"DELETE FROM {table}"))
         await uow.commit()
     return db

@@ -1,4 +1,4 @@
-"""Identity service tables: identities, IP allocations, node pod CIDRs, endpoint ids.
+"""Identity service tables: identities, IP allocations, node pod CIDRs, endpoints.
 
 The UNIQUE constraint on ``identities.label_key`` is what makes one label set one identity
 across replicas; the primary key on ``identities.id`` settles two replicas picking one id.
@@ -46,16 +46,18 @@ def upgrade() -> None:
         sa.UniqueConstraint("cidr", name="uq_node_cidrs_cidr"),
     )
     op.create_table(
-        "endpoint_ids",
+        "endpoints",
         sa.Column("id", sa.Integer, autoincrement=False, nullable=False),
         sa.Column("owner", sa.String(512), nullable=False),
-        sa.PrimaryKeyConstraint("id", name="pk_endpoint_ids"),
-        sa.UniqueConstraint("owner", name="uq_endpoint_ids_owner"),
+        sa.Column("identity", sa.BigInteger, nullable=True),
+        sa.Column("record", sa.JSON, nullable=True),
+        sa.PrimaryKeyConstraint("id", name="pk_endpoints"),
+        sa.UniqueConstraint("owner", name="uq_endpoints_owner"),
     )
 
 
 def downgrade() -> None:
-    op.drop_table("endpoint_ids")
+    op.drop_table("endpoints")
     op.drop_table("node_cidrs")
     op.drop_index("ix_ip_allocations_pool", table_name="ip_allocations")
     op.drop_index("ix_ip_allocations_owner", table_name="ip_allocations")
