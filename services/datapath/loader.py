@@ -78,9 +78,9 @@ class Datapath:
         self.node = node
         self.pins = pin_dir(node, pin_root)
         self.pins.mkdir(parents=True, exist_ok=True)
-        self.bpf = BPF(text=render_source(self.pins, sizes or MapSizes()))
-        self.fn_from = self.bpf.load_func("from_container", BPF.SCHED_CLS)
-        self.fn_to = self.bpf.load_func("to_container", BPF.SCHED_CLS)
+        self.bpf = BPF(text=render_source(self.pins, sizes or MapSizes()).encode())
+        self.fn_from = self.bpf.load_func(b"from_container", BPF.SCHED_CLS)
+        self.fn_to = self.bpf.load_func(b"to_container", BPF.SCHED_CLS)
         self.maps = NodeMaps.open(self.pins)
         self.applied = DesiredState()
         self.decoder = EventDecoder()
@@ -186,7 +186,7 @@ class Datapath:
     def poll_events(self, timeout_ms: int = 0) -> list[dict[str, Any]]:
         """Flows decoded from the ring buffer since the last call."""
         if not self._ring_open:
-            self.bpf["cil_events"].open_ring_buffer(self._on_event)
+            self.bpf[b"cil_events"].open_ring_buffer(self._on_event)
             self._ring_open = True
         self.bpf.ring_buffer_poll(timeout_ms)
         return self.decoder.drain()
