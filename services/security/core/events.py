@@ -1,0 +1,206 @@
+"""Kernel records -> Tetragon's JSON events (GetEventsResponse with proto field names) and the
+compact one-line format with Tetragon's symbols. Pure: the clock offset and pod lookup are given.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from services.security.core.process_cache import (
+    Process,
+    ProcessCache,
+    exec_id,
+    join_arguments,
+)
+from services.security.core.spec import ACTION_CODES, ACTION_ENUM, ArgSpec, ArgType
+from services.security.core.wire import (
+    ExecRecord,
+    ExitRecord,
+    ForkRecord,
+    Record,
+    TracepointRecord,
+)
+
+ACTION_BY_CODE = {code: ACTION_ENUM[kind] for kind, code in ACTION_CODES.items()}
+
+# Tetragon's compact symbols, by event type.
+SYMBOLS = {
+    "process_exec": "🚀",
+    "process_exit": "💥",
+    "process_tracepoint": "⁉️",
+    "process_kprobe": "❓",
+    "process_lsm": "🔒",
+}
+
+
+def signal_name(number: int) -> str:
+    try:
+        return _signal.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
+
+
+def rfc3339(wall_ns: int) -> str:
+    """Tetragon's time format: RFC 3339 with nanoseconds, UTC, 'Z'."""
+    seconds, nanos = divmod(wall_ns, 10**9)
+    base = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{nanos:09d}Z"
+
+
+@dataclass(frozen=True)
+class HookInfo:
+    subsystem: str
+    event: str
+    args: Sequence[ArgSpec]
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    name: str
+    namespace: str | None
+    hooks: Sequence[HookInfo]
+
+
+@dataclass
+class EventBuilder:
+    node: str
+    boot_wall_ns: int
+    """Wall-clock time at ktime 0 (bpf_ktime_get_ns is CLOCK_MONOTONIC)."""
+    cache: ProcessCache = field(default_factory=ProcessCache)
+    pod_of: Callable[[int], dict[str, Any] | None] = lambda _cgroup_id: None
+    policies: dict[int, PolicyInfo] = field(default_factory=dict)
+    unknown_policy_records: int = 0
+
+    def wall(self, ktime: int) -> int:
+        return self.boot_wall_ns + ktime
+
+    def _parent_id(self, ppid: int) -> str:
+        parent = self.cache.by_pid(ppid)
+        return parent.exec_id if parent is not None else ""
+
+    def _unknown(self, pid: int, ktime: int, cgroup_id: int, uid: int) -> Process:
+        """A process the cache never saw (started before us and missed by the /proc walk)."""
+        proc = Process(
+            exec_id=exec_id(self.node, ktime, pid), pid=pid, uid=uid, cwd="", binary="",
+            arguments="", ktime=ktime, start_time=rfc3339(self.wall(ktime)),
+            parent_exec_id="", flags="unknown", cgroup_id=cgroup_id, pod=self.pod_of(cgroup_id),
+        )
+        self.cache.add(proc)
+        return proc
+
+    def _process_for(self, pid: int, exec_ktime: int, ktime: int, cgroup_id: int,
+                     uid: int) -> Process:
+        if exec_ktime:
+            found = self.cache.get(exec_id(self.node, exec_ktime, pid))
+            if found is not None:
+                return found
+        found = self.cache.by_pid(pid)
+        return found if found is not None else self._unknown(pid, exec_ktime or ktime,
+                                                             cgroup_id, uid)
+
+    def _envelope(self, kind: str, body: dict[str, Any], ktime: int) -> dict[str, Any]:
+        return {kind: body, "node_name": self.node, "time": rfc3339(self.wall(ktime))}
+
+    def _with_parent(self, proc: Process) -> dict[str, Any]:
+        body: dict[str, Any] = {"process": proc.to_json()}
+        parent = self.cache.get(proc.parent_exec_id) if proc.parent_exec_id else None
+        if parent is not None:
+            body["parent"] = parent.to_json()
+        return body
+
+    def handle(self, record: Record) -> list[dict[str, Any]]:
+        """Update the cache with one record; the events it produces (fork produces none)."""
+        h = record.header
+        if isinstance(record, ExecRecord):
+            binary = record.binary
+            if not binary.startswith("/") and record.cwd:
+                binary = record.cwd.rstrip("/") + "/" + binary.removeprefix("./")
+            proc = Process(
+                exec_id=exec_id(self.node, h.exec_ktime, h.pid), pid=h.pid, uid=h.uid,
+                cwd=record.cwd, binary=binary, arguments=join_arguments(record.args),
+                ktime=h.exec_ktime, start_time=rfc3339(self.wall(h.exec_ktime)),
+                parent_exec_id=self._parent_id(h.ppid), flags="execve",
+                cgroup_id=h.cgroup_id, pod=self.pod_of(h.cgroup_id),
+            )
+            self.cache.add(proc)
+            return [self._envelope("process_exec", self._with_parent(proc), h.ktime)]
+        if isinstance(record, ForkRecord):
+            parent = self.cache.by_pid(h.ppid)
+            if parent is not None:
+                self.cache.clone(parent, exec_id(self.node, h.ktime, h.pid), h.pid, h.ktime,
+                                 rfc3339(self.wall(h.ktime)))
+            return []
+        if isinstance(record, ExitRecord):
+            proc = self._process_for(h.pid, h.exec_ktime, h.ktime, h.cgroup_id, h.uid)
+            body = self._with_parent(proc)
+            if record.signal:
+                body["signal"] = signal_name(record.signal)
+            body["status"] = record.code
+            self.cache.mark_exited(proc.exec_id, self.wall(h.ktime))
+            return [self._envelope("process_exit", body, h.ktime)]
+        return self._tracepoint(record)
+
+    def _tracepoint(self, record: TracepointRecord) -> list[dict[str, Any]]:
+        h = record.header
+        policy = self.policies.get(record.policy_id)
+        if policy is None or record.hook_index >= len(policy.hooks):
+            self.unknown_policy_records += 1
+            return []
+        hook = policy.hooks[record.hook_index]
+        proc = self._process_for(h.pid, h.exec_ktime, h.ktime, h.cgroup_id, h.uid)
+        args: list[dict[str, Any]] = []
+        for slot, arg in enumerate(hook.args[: len(record.ints)]):
+            if arg.type is ArgType.STRING:
+                args.append({"string_arg": record.strs[slot]})
+            else:
+                value = record.ints[slot]
+                if arg.signed and value >= 1 << 63:
+                    value -= 1 << 64
+                key = "long_arg" if arg.size == 8 else "int_arg"
+                if arg.size == 4 and arg.signed and value >= 1 << 31:
+                    value -= 1 << 32
+                args.append({key: value})
+            if arg.label:
+                args[-1]["label"] = arg.label
+        body = self._with_parent(proc)
+        body.update(
+            {
+                "subsys": hook.subsystem,
+                "event": hook.event,
+                "args": args,
+                "policy_name": policy.name,
+                "action": ACTION_BY_CODE.get(record.action_code, "KPROBE_ACTION_UNKNOWN"),
+            }
+        )
+        return [self._envelope("process_tracepoint", body, h.ktime)]
+
+
+def event_type(event: dict[str, Any]) -> str:
+    for key in event:
+        if key.startswith("process_"):
+            return key
+    return "unknown"
+
+
+def compact(event: dict[str, Any]) -> str:
+    """Tetragon's compact line: symbol, kind, where (ns/pod or node), binary, details."""
+    kind = event_type(event)
+    body = event.get(kind, {})
+    proc = body.get("process", {})
+    pod = proc.get("pod")
+    where = f"{pod.get('namespace', '')}/{pod.get('name', '')}" if pod else event.get(
+        "node_name", "")
+    info = f"{where} {proc.get('binary', '')}"
+    symbol = SYMBOLS.get(kind, "❓")
+    if kind == "process_exec":
+        return f"{symbol} {'process':<7} {info} {proc.get('arguments', '')}".rstrip()
+    if kind == "process_exit":
+        status = body.get("signal") or str(body.get("status", 0))
+        return f"{symbol} {'exit':<7} {info} {proc.get('arguments', '')} {status}"
+    if kind == "process_tracepoint":
+        return f"{symbol} {'tracepoint':<7} {info} {body.get('subsys')} {body.get('event')}"
+    return f"{symbol} {kind} {info}"
