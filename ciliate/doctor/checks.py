@@ -161,7 +161,13 @@ def run_check(check: Check, apply_fix: bool = False) -> CheckResult:
 
 def run_checks(apply_fix: bool = False, checks: tuple[Check, ...] = CHECKS) -> list[CheckResult]:
     """Every check in order; repairs run before the kernel-feature checks that depend on them."""
-    return [run_check(check, apply_fix) for check in checks]
+    results = []
+    for check in checks:
+        result = run_check(check, apply_fix)
+        if result.fixed is not None:
+            kernel_features.cache_clear()  # a repaired mount can change what the probes find
+        results.append(result)
+    return results
 
 
 def healthy(results: list[CheckResult]) -> bool:
