@@ -212,7 +212,7 @@ def _get_endpoint(w: Wire, prefix: str) -> Endpoint:
 
 
 _SCALARS: tuple[tuple[str, str], ...] = (
-    ("t", "time_ns"), ("u", "uuid"), ("n", "node_name"), ("v", "verdict"),
+    ("u", "uuid"), ("n", "node_name"), ("v", "verdict"),
     ("dr", "drop_reason"), ("et", "event_type"), ("es", "event_sub_type"), ("ty", "type"),
     ("td", "traffic_direction"), ("op", "trace_observation_point"),
     ("pm", "policy_match_type"), ("ipv", "ip_version"), ("sip", "source_ip"),
@@ -221,12 +221,12 @@ _SCALARS: tuple[tuple[str, str], ...] = (
     ("tf", "tcp_flags"), ("it", "icmp_type"), ("ic", "icmp_code"), ("pp", "proxy_port"),
     ("sum", "summary"),
 )
-"""Wire key ↔ Flow attribute for the plain scalar fields; zero values are left off the wire."""
+"""Wire key ↔ Flow attribute for plain scalars; zero values are left off the wire (time never)."""
 
 
 def encode_flow(f: Flow) -> Wire:
     """The compact wire dict of ``f`` (default values omitted)."""
-    w: Wire = {}
+    w: Wire = {"t": f.time_ns}
     for key, attr in _SCALARS:
         value = getattr(f, attr)
         if value:
@@ -251,7 +251,7 @@ def encode_flow(f: Flow) -> Wire:
 
 
 def decode_flow(w: Wire) -> Flow:
-    f = Flow()
+    f = Flow(time_ns=w.get("t", 0))
     for key, attr in _SCALARS:
         if key in w:
             setattr(f, attr, w[key])
