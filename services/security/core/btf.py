@@ -43,7 +43,7 @@ class BtfIndex:
 
     def _find(self, type_id: int, name: str) -> int | None:
         """Bit offset of ``name`` in a struct/union, searching anonymous members too."""
-        for mname, mtype, bits in self.members.get(type_id, []):
+        for mname, _mtype, bits in self.members.get(type_id, []):
             if mname == name:
                 return bits
         for mname, mtype, bits in self.members.get(type_id, []):

@@ -358,7 +358,7 @@ def _parse_match_args(
             continue
         op_name = item.get("operator")
         try:
-            op = ArgOperator(op_name)
+            op = ArgOperator(str(op_name))
         except ValueError:
             errors.add(
                 f"{mpath}.operator",
@@ -403,7 +403,7 @@ def _parse_binaries(raw: list[Any], path: str, errors: _Errors) -> tuple[MatchBi
             errors.add(bpath, "must be a mapping")
             continue
         try:
-            op = BinaryOperator(item.get("operator"))
+            op = BinaryOperator(str(item.get("operator")))
         except ValueError:
             errors.add(
                 f"{bpath}.operator",
@@ -431,7 +431,7 @@ def _parse_pids(raw: list[Any], path: str, errors: _Errors) -> tuple[MatchPIDs, 
             errors.add(ppath, "must be a mapping")
             continue
         try:
-            op = SetOperator(item.get("operator"))
+            op = SetOperator(str(item.get("operator")))
         except ValueError:
             errors.add(f"{ppath}.operator", f"unknown operator {item.get('operator')!r}")
             continue
@@ -459,7 +459,7 @@ def _parse_namespaces(raw: list[Any], path: str, errors: _Errors) -> tuple[Match
             errors.add(npath, "must be a mapping")
             continue
         try:
-            ns = Namespace(item.get("namespace"))
+            ns = Namespace(str(item.get("namespace")))
         except ValueError:
             errors.add(
                 f"{npath}.namespace",
@@ -468,7 +468,7 @@ def _parse_namespaces(raw: list[Any], path: str, errors: _Errors) -> tuple[Match
             )
             continue
         try:
-            op = SetOperator(item.get("operator"))
+            op = SetOperator(str(item.get("operator")))
         except ValueError:
             errors.add(f"{npath}.operator", f"unknown operator {item.get('operator')!r}")
             continue
@@ -503,7 +503,7 @@ def _parse_actions(
             continue
         name = item.get("action")
         try:
-            action = ActionKind(name)
+            action = ActionKind(str(name))
         except ValueError:
             errors.add(
                 f"{apath}.action",

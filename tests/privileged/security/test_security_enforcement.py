@@ -4,6 +4,7 @@ the agent's scope, so nothing else on the machine is observed or killed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -59,10 +60,8 @@ def cgroup() -> Iterator[Path]:
         yield path
     finally:
         for pid in (path / "cgroup.procs").read_text().split():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), 9)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + 5
         while (path / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
             time.sleep(0.01)
