@@ -13,12 +13,17 @@ import pytest
 if os.geteuid() != 0:
     pytest.skip("needs root (network namespaces, BPF)", allow_module_level=True)
 
-from services.datapath.loader import Datapath, MapSizes, unpin  # noqa: E402
-from services.datapath.maps import PIN_ROOT, pin_dir  # noqa: E402
-from services.datapath.sandbox import DevCluster  # noqa: E402
+from services.datapath.loader import Datapath, MapSizes, unpin
+from services.datapath.maps import PIN_ROOT, pin_dir
+from services.datapath.sandbox import DevCluster
 
 SMALL = MapSizes(ct_tcp=4096, ct_any=4096, ipcache=1024, endpoints=256, policy=8192,
                  events_pages=16)
+
+
+@pytest.fixture
+def map_sizes() -> MapSizes:
+    return SMALL
 
 
 @pytest.fixture
