@@ -30,7 +30,7 @@ from services.security.core.compile import (
     required_offsets,
 )
 from services.security.core.events import HookInfo, PolicyInfo
-from services.security.core.spec import HookKind, PolicySpec, parse_policy
+from services.security.core.spec import HookKind, PolicySpec, parse_resource
 from services.security.core.wire import Record, WireError, decode
 
 TRACEFS = Path("/sys/kernel/tracing/events")
@@ -131,7 +131,7 @@ class Loader:
 
         if self._lifecycle is None:
             raise RuntimeError("start() the lifecycle programs before loading policies")
-        spec = parse_policy(doc, tracepoint_format)
+        spec = parse_resource(doc, tracepoint_format)
         self.check(spec)
         if spec.name in self.policies:
             self.unload_policy(spec.name)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from ciliate.resources.base import FieldError, ResourceError
+from ciliate.resources.base import FieldError, ResourceError, validate_model
+from ciliate.resources.tracingpolicy import TracingPolicy, TracingPolicyNamespaced
 from services.security.core.tracefmt import FieldKind, FormatError, TracepointFormat, parse_format
 
 MAX_SELECTORS_PER_HOOK = 5
@@ -559,8 +560,8 @@ def _parse_selectors(
         if not isinstance(sel, dict):
             errors.add(spath, "must be a mapping")
             continue
-        for key in sel:
-            if key not in known:
+        for key, value in sel.items():
+            if key not in known and value not in (None, [], {}):
                 errors.add(f"{spath}.{key}", f"unsupported selector (supported: {sorted(known)})")
         out.append(
             Selector(
@@ -692,3 +693,14 @@ def parse_policy(doc: Mapping[str, Any], formats: FormatSource) -> PolicySpec:
         pod_selector=pod_selector,
         required_features=tuple(sorted(features)),
     )
+
+
+def parse_resource(doc: Mapping[str, Any], formats: FormatSource) -> PolicySpec:
+    """Validate the document with the shared TracingPolicy(Namespaced) model (the CRD's shape),
+    then into a PolicySpec (what this agent and kernel can run)."""
+    model_cls = (
+        TracingPolicyNamespaced if doc.get("kind") == TracingPolicyNamespaced.KIND
+        else TracingPolicy
+    )
+    model = validate_model(model_cls, dict(doc))
+    return parse_policy(model.model_dump(mode="json", by_alias=True, exclude_none=True), formats)

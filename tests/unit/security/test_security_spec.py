@@ -172,3 +172,24 @@ def test_all_errors_are_reported_together() -> None:
     base = "spec.tracepoints[0].selectors[0]"
     assert {f"{base}.matchArgs[0].index", f"{base}.matchBinaries[0].operator",
             f"{base}.matchActions[0].action"} <= paths
+
+
+def test_shared_examples_through_the_resource_model() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from services.security.core.spec import parse_resource
+
+    examples = Path("/work/shared/examples")
+    if not examples.is_dir():
+        pytest.skip("shared examples not present")
+    kill = parse_resource(yaml.safe_load((examples / "tracingpolicy-kill-tmp-exec.yaml")
+                                         .read_text()), formats)
+    assert kill.hooks[0].selectors[0].actions[0].kind is ActionKind.SIGKILL
+    fd = parse_resource(yaml.safe_load((examples / "tracingpolicy-fd-install.yaml")
+                                       .read_text()), formats)
+    assert fd.hooks[0].kind is HookKind.KPROBE and "kprobe" in fd.required_features
+    with pytest.raises(ResourceError):
+        parse_resource({"apiVersion": "cilium.io/v1alpha1", "kind": "TracingPolicy",
+                        "metadata": {"name": "x"}, "spec": {"tracepoints": "nope"}}, formats)
