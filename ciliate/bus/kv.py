@@ -54,9 +54,41 @@ class KV:
         self.bucket = bucket
         self.store = store
 
-    async def put(self, key: str, value: Any, *, expected_revision: int | None = None) -> int:
-        """Write ``value``; with ``expected_revision`` (0 = must not exist) lose races loudly."""
+    async def put(
+        self,
+        key: str,
+        value: Any,
+        *,
+        expected_revision: int | None = None,
+        retry_for: float = 15.0,
+    ) -> int:
+        """Write ``value``; with ``expected_revision`` (0 = must not exist) lose races loudly.
+
+        While NATS restarts, the write is retried for ``retry_for`` seconds. A conditional write
+        whose first attempt landed before its reply was lost is recognised by its value.
+        """
         data = codec.pack(value)
+        deadline = asyncio.get_running_loop().time() + retry_for
+        attempt = 0
+        while True:
+            try:
+                return await self._put_once(key, data, expected_revision)
+            except RevisionConflict:
+                if attempt > 0:
+                    current = await self.get(key)
+                    if current is not None and codec.pack(current.value) == data:
+                        return current.revision
+                raise
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError
+                    ) as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                attempt += 1
+                log.debug("kv %s: put %s failed (%s); retrying", self.bucket, key, exc)
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+
+    async def _put_once(self, key: str, data: bytes, expected_revision: int | None) -> int:
         try:
             if expected_revision is None:
                 return int(await self.store.put(key, data))
