@@ -114,8 +114,11 @@ def test_stateless_services_have_replicas(compose: dict[str, Any]) -> None:
 
 def test_each_service_connects_to_nats_as_its_own_user(compose: dict[str, Any]) -> None:
     for service in SERVICES:
-        url = compose["services"][service]["environment"]["CILIATE_NATS_URL"]
-        assert url.startswith(f"nats://{service}:"), url
+        env = compose["services"][service]["environment"]
+        assert env["CILIATE_NATS_USER"] == service
+        assert f"CILIATE_NATS_PASSWORD_{service.upper()}" in env["CILIATE_NATS_PASSWORD"]
+        host = "127.0.0.1" if service in NODE_SERVICES else "nats"  # host network: no compose DNS
+        assert env["CILIATE_NATS_URL"] == f"nats://{host}:4222"
 
 
 def test_nats_gets_the_committed_config_and_every_password(compose: dict[str, Any]) -> None:

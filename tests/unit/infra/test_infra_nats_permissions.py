@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -153,3 +154,43 @@ async def test_services_write_only_their_own_heartbeat_keys(server_url: str) -> 
         await kv.put("datapath.node1", b"alive")
         await dp.nc.publish("$KV.heartbeats.identity.x", b"forged")
         assert await dp.violation("$KV.heartbeats.identity.x")
+
+
+async def test_the_projects_bus_works_within_each_services_rights(server_url: str) -> None:
+    """Bus.kv (open-or-create), put, watch and request/reply, as the services use them."""
+    from ciliate.bus import Bus
+
+    def connect(user: str) -> Any:
+        return Bus.connect(f"nats://{server_url}", name=user, user=user,
+                           password=f"pw-{user}", retry_on_failed_connect=False)
+
+    identity, policy, datapath = await connect("identity"), await connect("policy"), \
+        await connect("datapath")
+    try:
+        endpoints = await identity.kv(Bucket.ENDPOINTS)
+        await endpoints.put("x.a", {"identity": 300})
+        heartbeats = await datapath.kv(Bucket.HEARTBEATS)
+        await heartbeats.put("datapath.node1", {"ready": True})
+
+        async def allocate(payload: Any) -> Any:
+            return {"id": 300, "labels": payload}
+
+        await identity.serve(IDENTITY_ALLOCATE, allocate, queue="ciliate-identity")
+        await identity.nc.flush()  # the subscription reached the server before the request
+        assert await policy.request(IDENTITY_ALLOCATE, ["k8s:app=x"], timeout=DEADLINE) == {
+            "id": 300, "labels": ["k8s:app=x"]}
+
+        reader = await datapath.kv(Bucket.ENDPOINTS)
+        watch = reader.watch()
+        seen: dict[str, Any] = {}
+        async with asyncio.timeout(DEADLINE):
+            async for event in watch:
+                if event.initial_done:
+                    break
+                if event.key:
+                    seen[event.key] = event.value
+        await watch.aclose()
+        assert seen == {"x.a": {"identity": 300}}
+    finally:
+        for bus in (identity, policy, datapath):
+            await bus.close()
