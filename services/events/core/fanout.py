@@ -55,6 +55,26 @@ class Follower:
         self._event.set()
         return True
 
+    def offer_many(self, batch: list[Wire]) -> int:
+        """Queue the records of ``batch`` that pass the filter, as far as there is room."""
+        q = self.query
+        if q.since_ns is None and q.until_ns is None:
+            match = q.filters.match
+            accepted = [w for w in batch if match(w)]
+        else:
+            accepted = [w for w in batch if q.accepts(w)]
+        if not accepted:
+            return 0
+        room = self.maxlen - len(self._queue)
+        if len(accepted) > room:
+            dropped = len(accepted) - max(room, 0)
+            self.pending_drops += dropped
+            self.dropped_total += dropped
+            accepted = accepted[: max(room, 0)]
+        self._queue.extend(accepted)
+        self._event.set()
+        return len(accepted)
+
     def drain(self, limit: int | None = None) -> list[Wire]:
         """Take queued records; a LostEvent follows them when records were dropped meanwhile."""
         q = self._queue
@@ -108,9 +128,7 @@ class Hub:
             return
         batch = records if isinstance(records, list) else list(records)
         for f in followers:
-            offer = f.offer
-            for w in batch:
-                offer(w)
+            f.offer_many(batch)
 
     def followers(self) -> list[Follower]:
         return list(self._followers.values())

@@ -196,9 +196,18 @@ def _label_pred(key: str, values: list[str], name: str) -> Predicate:
     except SelectorError as err:
         raise FilterError(name, str(err)) from err
 
+    cache: dict[tuple[str, ...], bool] = {}
+
     def pred(w: Wire) -> bool:
-        idx = index_labels(w.get(key, ()))
-        return any(s(idx) for s in selectors)
+        labels = tuple(w.get(key, ()))
+        hit = cache.get(labels)
+        if hit is None:
+            idx = index_labels(labels)
+            hit = any(s(idx) for s in selectors)
+            if len(cache) > 4096:
+                cache.clear()
+            cache[labels] = hit
+        return hit
 
     return pred
 
@@ -457,13 +466,20 @@ def compile_filter(ff: FlowFilter) -> Predicate:
     if len(preds) == 1:
         return preds[0]
     frozen = tuple(preds)
-    return lambda w: all(p(w) for p in frozen)
+
+    def all_match(w: Wire) -> bool:  # a plain loop: no generator on the hot path
+        for p in frozen:  # noqa: SIM110
+            if not p(w):
+                return False
+        return True
+
+    return all_match
 
 
 class FilterSet:
     """A compiled whitelist/blacklist pair; ``match(record)`` is the hot path."""
 
-    __slots__ = ("_black", "_white", "blacklist", "whitelist")
+    __slots__ = ("_black", "_white", "blacklist", "match", "whitelist")
 
     def __init__(self, whitelist: Sequence[FlowFilter] = (),
                  blacklist: Sequence[FlowFilter] = ()) -> None:
@@ -471,14 +487,32 @@ class FilterSet:
         self.blacklist = list(blacklist)
         self._white = tuple(compile_filter(f) for f in self.whitelist)
         self._black = tuple(compile_filter(f) for f in self.blacklist)
+        self.match: Predicate = self._specialise()
 
-    def match(self, w: Wire) -> bool:
-        if w.get("k") == LOST_KIND:
+    def _specialise(self) -> Predicate:
+        """The hot-path predicate, shaped for the common cases (no filter, one filter)."""
+        white, black = self._white, self._black
+        if not white and not black:
+            return lambda w: True
+        if len(white) == 1 and not black:
+            only = white[0]
+            return lambda w: only(w) or w.get("k") == LOST_KIND
+
+        def match(w: Wire) -> bool:
+            if w.get("k") == LOST_KIND:
+                return True
+            if white:
+                for p in white:
+                    if p(w):
+                        break
+                else:
+                    return False
+            for p in black:  # noqa: SIM110 (no generator on the hot path)
+                if p(w):
+                    return False
             return True
-        white = self._white
-        if white and not any(p(w) for p in white):
-            return False
-        return not any(p(w) for p in self._black)
+
+        return match
 
     def is_pass_all(self) -> bool:
         return not self._white and not self._black
