@@ -1,13 +1,539 @@
-"""Wires the policy service: its kinds stored through the generic resource REST."""
+"""Wires the policy service: stored policies + KV identities/endpoints -> KV ``policy``.
+
+Policies are stored through the generic resource REST (validated at the edge, 422 naming the
+field, nothing stored on error). The compiled entries per local identity are published into KV
+``policy`` as deltas: a put only for identities whose value changed, a delete for identities
+that disappeared. See docs/policy.md for revisions, replicas, overflow and CIDR identities.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from aiohttp import web
+
+from ciliate.api import READINESS_KEY, field_problem
 from ciliate.api.resources import ResourceHandlers, owned_kinds
+from ciliate.bus import KV, Bucket, KVMirror, RequestFailed, RevisionConflict
+from ciliate.bus.subjects import IDENTITY_ALLOCATE
+from ciliate.labels import CIDR_IDENTITY_BASE, LabelSet
+from ciliate.resources.base import Resource, ResourceError
+from ciliate.resources.registry import parse_resource
 from ciliate.runner import ServiceContext, ServiceSpec
+from ciliate.store import (
+    Database,
+    DatabaseUnavailable,
+    ResourceRepository,
+    StoredResource,
+    resources,
+)
+from ciliate.store.database import UnitOfWork
+from services.policy.core.compile import (
+    DEFAULT_MAP_CAPACITY,
+    IdentityWorld,
+    PolicyEngine,
+    cidr_of,
+    cidr_prefixes,
+)
+from services.policy.core.diff import Actor, Probe, reachability_diff
+from services.policy.core.kv import check_capacity, encode_policy, kv_key
+from services.policy.core.spec import PROTOCOL_NUMBERS, PolicySet, normalize
+from services.policy.core.world import PolicyResource
+
+KINDS = owned_kinds("policy")
+DEBOUNCE = 0.02
+"""Seconds a burst of changes is coalesced before the next compile (an isolated change runs at
+once; changes that arrive while compiling wait this long, then go in one batch)."""
+DB_POLL = 1.0
+"""Seconds between checks for policies another replica stored."""
+ALLOCATE_TIMEOUT = 2.0
+RETRY_MIN, RETRY_MAX = 0.5, 10.0
+PUBLISH_CONCURRENCY = 64
+
+NamedPortMap = dict[tuple[str, int], frozenset[int]]
+
+
+def identity_labels(value: Any) -> tuple[int, LabelSet] | None:
+    """A KV ``identities`` value as (id, labels); None for a malformed one."""
+    if not isinstance(value, dict) or not isinstance(value.get("id"), int):
+        return None
+    labels = value.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        return None
+    return int(value["id"]), LabelSet.from_strings(labels)
+
+
+def endpoint_named_ports(value: Any) -> tuple[int, NamedPortMap] | None:
+    """A KV ``endpoints`` value as (identity, named ports); None for a malformed one."""
+    if not isinstance(value, dict) or not isinstance(value.get("identity"), int):
+        return None
+    out: NamedPortMap = {}
+    for port in value.get("ports") or []:
+        if not isinstance(port, dict) or not port.get("name"):
+            continue
+        proto = PROTOCOL_NUMBERS.get(str(port.get("protocol") or "TCP").upper())
+        number = port.get("port")
+        if proto and isinstance(number, int):
+            key = (str(port["name"]), proto)
+            out[key] = out.get(key, frozenset()) | {number}
+    return int(value["identity"]), out
+
+
+def strip_revision(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "revision"}
+    return value
+
+
+@dataclass
+class Published:
+    value: dict[str, Any]
+    kv_revision: int
+
+
+class SequentialIds:
+    """Provisional CIDR identities for a dry run (never published): above every known one."""
+
+    def __init__(self, known: Mapping[str, int]) -> None:
+        self.known = dict(known)
+        self.next = max([CIDR_IDENTITY_BASE, *known.values()]) + 1
+
+    def __call__(self, prefix: str) -> int:
+        if prefix not in self.known:
+            self.known[prefix] = self.next
+            self.next += 1
+        return self.known[prefix]
+
+
+class PolicyService:
+    """One replica: mirrors, the engine, and the publisher. Every replica compiles the same."""
+
+    def __init__(self, ctx: ServiceContext, *, debounce: float = DEBOUNCE,
+                 capacity: int = DEFAULT_MAP_CAPACITY, db_poll: float = DB_POLL) -> None:
+        self.ctx = ctx
+        self.db: Database = ctx.database
+        self.debounce = debounce
+        self.capacity = capacity
+        self.db_poll = db_poll
+        self.identities: dict[int, LabelSet] = {}
+        self.endpoints: dict[str, dict[str, Any]] = {}
+        self.named_ports: dict[int, NamedPortMap] = {}
+        self.cidr_ids: dict[str, int] = {}
+        self.engine: PolicyEngine | None = None
+        self.published: dict[str, Published] = {}
+        self.overflows: dict[int, str] = {}
+        self._pending_ids: dict[int, LabelSet | None] = {}
+        self._pending_ports: set[int] = set()
+        self._policies_dirty = True
+        self._fingerprint: tuple[tuple[str, str, str, int], ...] | None = None
+        self._wake = asyncio.Event()
+        self._retry_delay = RETRY_MIN
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self.ready = asyncio.Event()
+        self.stats: dict[str, Any] = {"compiles": 0, "puts": 0, "deletes": 0}
+        self._policy_kv: KV | None = None
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        ctx = self.ctx
+        handlers = ResourceHandlers(self.db, KINDS, on_apply=self.on_apply,
+                                    after_commit=self.after_commit)
+        handlers.register(ctx.app)
+
+        async def compiled() -> bool:
+            return self.ready.is_set()
+
+        ctx.app[READINESS_KEY]["policy"] = compiled
+        self._policy_kv = await ctx.bus.kv(Bucket.POLICY)
+        ident_mirror = KVMirror(await ctx.bus.kv(Bucket.IDENTITIES), self._on_identity)
+        ep_mirror = KVMirror(await ctx.bus.kv(Bucket.ENDPOINTS), self._on_endpoint)
+        policy_synced = asyncio.Event()
+        ctx.spawn(ident_mirror.run(), name="mirror:identities")
+        ctx.spawn(ep_mirror.run(), name="mirror:endpoints")
+        ctx.spawn(self._watch_published(policy_synced), name="watch:policy")
+        ctx.spawn(self._run(ident_mirror, ep_mirror, policy_synced), name="compile")
+        ctx.spawn(self._poll_db(), name="poll:policies")
+        self._update_status()
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    async def _on_identity(self, key: str, _old: Any, new: Any) -> None:
+        if not key.isdigit():
+            return
+        ident = int(key)
+        parsed = identity_labels(new) if new is not None else None
+        if parsed is None:
+            self.identities.pop(ident, None)
+            self._pending_ids[ident] = None
+        else:
+            self.identities[ident] = parsed[1]
+            self._pending_ids[ident] = parsed[1]
+        self._wake.set()
+
+    async def _on_endpoint(self, key: str, old: Any, new: Any) -> None:
+        touched = {p[0] for p in (endpoint_named_ports(old), endpoint_named_ports(new)) if p}
+        if isinstance(new, dict):
+            self.endpoints[key] = new
+        else:
+            self.endpoints.pop(key, None)
+        for ident in touched:
+            merged: NamedPortMap = {}
+            for ep in self.endpoints.values():
+                parsed = endpoint_named_ports(ep)
+                if parsed and parsed[0] == ident:
+                    for name, numbers in parsed[1].items():
+                        merged[name] = merged.get(name, frozenset()) | numbers
+            if merged != self.named_ports.get(ident, {}):
+                if merged:
+                    self.named_ports[ident] = merged
+                else:
+                    self.named_ports.pop(ident, None)
+                self._pending_ports.add(ident)
+                self._wake.set()
+
+    async def _watch_published(self, synced: asyncio.Event) -> None:
+        """Track KV ``policy`` (values and KV revisions), so puts are deltas and replicas agree."""
+        assert self._policy_kv is not None
+        seen: set[str] | None = None
+        async for ev in self._policy_kv.watch():
+            if ev.resync:
+                seen = set()
+                continue
+            if ev.initial_done:
+                if seen is not None:
+                    for key in set(self.published) - seen:
+                        self.published.pop(key, None)
+                seen = None
+                synced.set()
+                continue
+            if ev.deleted:
+                self.published.pop(ev.key, None)
+                continue
+            if seen is not None:
+                seen.add(ev.key)
+            current = self.published.get(ev.key)
+            if current is None or ev.revision >= current.kv_revision:
+                self.published[ev.key] = Published(ev.value, ev.revision)
+
+    async def _poll_db(self) -> None:
+        """Another replica may store a policy: notice it by the stored resource versions."""
+        while True:
+            await asyncio.sleep(self.db_poll)
+            try:
+                fingerprint = await self._read_fingerprint()
+            except DatabaseUnavailable as exc:
+                self.ctx.status["database"] = f"unavailable: {exc}"
+                continue
+            self.ctx.status.pop("database", None)
+            if self._fingerprint is not None and fingerprint != self._fingerprint:
+                self._policies_dirty = True
+                self._wake.set()
+
+    async def _read_fingerprint(self) -> tuple[tuple[str, str, str, int], ...]:
+        query = sa.select(resources.c.kind, resources.c.namespace, resources.c.name,
+                          resources.c.resource_version).where(resources.c.kind.in_(sorted(KINDS)))
+        async with self.db.unit_of_work() as uow:
+            rows = (await uow.session.execute(query)).all()
+        return tuple(sorted((str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows))
+
+    async def _stored_policies(self, uow: UnitOfWork) -> list[StoredResource]:
+        repo = ResourceRepository(uow.session)
+        return [item for kind in sorted(KINDS) for item in await repo.list(kind)]
+
+    async def _load_policy_set(self) -> PolicySet:
+        async with self.db.unit_of_work() as uow:
+            stored = await self._stored_policies(uow)
+        self._fingerprint = tuple(sorted(
+            (s.kind, s.namespace, s.name, s.resource_version) for s in stored))
+        parsed: list[PolicyResource] = []
+        for item in stored:
+            try:
+                parsed.append(parse_resource(item.to_document()))  # type: ignore[arg-type]
+            except ResourceError as exc:  # stored by an older version: skip it loudly
+                self.ctx.log.error("stored %s %s/%s no longer validates: %s",
+                                   item.kind, item.namespace, item.name, exc)
+        return normalize(parsed)
+
+    # -- CIDR identities -------------------------------------------------------------------
+
+    def _known_cidrs(self) -> dict[str, int]:
+        known = {c: i for i, labels in self.identities.items() if (c := cidr_of(labels))}
+        return {**known, **self.cidr_ids}
+
+    async def _ensure_cidr_ids(self, policy_set: PolicySet) -> bool:
+        """Ask the identity service for the CIDR identities the policies need (and their
+        ipcache prefixes, which only it writes). False (and a retry later) if it does not answer."""
+        missing = sorted(cidr_prefixes(policy_set) - set(self._known_cidrs()))
+        if not missing:
+            self.ctx.status.pop("cidr_pending", None)
+            return True
+        payload = {"labels": [[f"cidr:{p}", "reserved:world"] for p in missing],
+                   "prefixes": missing}
+        try:
+            reply = await self.ctx.bus.request(IDENTITY_ALLOCATE, payload,
+                                               timeout=ALLOCATE_TIMEOUT)
+            ids = reply.get("ids") if isinstance(reply, dict) else None
+            if (not isinstance(ids, list) or len(ids) != len(missing)
+                    or not all(isinstance(i, int) for i in ids)):
+                raise RequestFailed(502, "ids", f"unexpected reply {reply!r}")
+        except RequestFailed as exc:
+            self.ctx.status["cidr_pending"] = {"prefixes": missing, "error": str(exc)}
+            self.ctx.log.warning("CIDR identities for %d prefixes not allocated (%s); "
+                                 "policy publication held, retrying", len(missing), exc)
+            return False
+        self.cidr_ids.update(zip(missing, ids, strict=True))
+        self.ctx.status.pop("cidr_pending", None)
+        return True
+
+    def _cidr_id(self, prefix: str) -> int:
+        return self._known_cidrs()[prefix]
+
+    # -- the compile loop ------------------------------------------------------------------
+
+    async def _run(self, ident_mirror: KVMirror, ep_mirror: KVMirror,
+                   policy_synced: asyncio.Event) -> None:
+        await asyncio.gather(ident_mirror.synced.wait(), ep_mirror.synced.wait(),
+                             policy_synced.wait())
+        self._wake.set()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._process()
+            except DatabaseUnavailable as exc:
+                self.ctx.status["database"] = f"unavailable: {exc}"
+                self._policies_dirty = True
+                self._retry_later()
+            except Exception as exc:
+                self.ctx.log.exception("policy compile failed")
+                self.ctx.status["last_error"] = repr(exc)
+                self._retry_later()
+            self._update_status()
+            if self._wake.is_set():  # more changes came in while compiling: coalesce a burst
+                await asyncio.sleep(self.debounce)
+
+    def _retry_later(self) -> None:
+        if self._retry_handle is not None:
+            return
+
+        def fire() -> None:
+            self._retry_handle = None
+            self._wake.set()
+
+        loop = asyncio.get_running_loop()
+        self._retry_handle = loop.call_later(self._retry_delay, fire)
+        self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
+
+    async def _process(self) -> None:
+        started = time.perf_counter()
+        touched: set[int] = set()
+        full = False
+        if self._policies_dirty or self.engine is None:
+            policy_set = await self._load_policy_set()
+            self._policies_dirty = False
+            if not await self._ensure_cidr_ids(policy_set):
+                self._policies_dirty = True
+                self._retry_later()
+                return
+            if self.engine is None:
+                self._pending_ids.clear()
+                self._pending_ports.clear()
+                world = IdentityWorld(dict(self.identities), dict(self.named_ports))
+                self.engine = PolicyEngine(policy_set, world, allocate_cidr=self._cidr_id,
+                                           capacity=self.capacity)
+                self.engine.compile_all()
+                full = True
+            else:
+                touched |= set(self.engine.replace_policies(policy_set, self._cidr_id))
+        engine = self.engine
+        pending, self._pending_ids = self._pending_ids, {}
+        for ident, labels in sorted(pending.items()):
+            current = engine.cache.identities.get(ident)
+            if labels is None:
+                if current is not None:
+                    touched |= set(engine.remove_identity(ident))
+                    touched.add(ident)
+                continue
+            if current == labels:
+                continue
+            if current is not None:
+                touched |= set(engine.remove_identity(ident))
+            touched |= set(engine.add_identity(ident, labels, self.named_ports.get(ident)))
+        ports, self._pending_ports = self._pending_ports, set()
+        for ident in sorted(ports):
+            touched |= set(engine.set_named_ports(ident, self.named_ports.get(ident, {})))
+        if full:
+            touched = set(engine.compiled) | {int(k) for k in self.published if k.isdigit()}
+        self.stats["last_compile_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        self.stats["compiles"] += 1
+        await self._publish(touched)
+        self._retry_delay = RETRY_MIN
+        self.ctx.status.pop("last_error", None)
+        self.ctx.status.pop("database", None)
+        self.ready.set()
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def _desired(self, ident: int) -> dict[str, Any] | None:
+        """The value (without revision) to publish for ``ident``; None = delete the key.
+
+        On overflow the previous value is kept (as Cilium keeps an endpoint's last good policy
+        when regeneration fails); an identity with no previous value gets a fail-closed marker:
+        both directions enforced, no entries, ``overflow`` saying why.
+        """
+        assert self.engine is not None
+        pol = self.engine.compiled.get(ident)
+        if pol is None:
+            return None
+        overflow = check_capacity(pol, self.capacity)
+        key = kv_key(ident)
+        if overflow is not None:
+            if ident not in self.overflows:
+                self.ctx.log.error("policy map overflow: %s", overflow)
+            self.overflows[ident] = str(overflow)
+            previous = self.published.get(key)
+            if previous is not None:
+                return strip_revision(previous.value)  # type: ignore[no-any-return]
+            return {"identity": ident, "enforce": {"ingress": True, "egress": True},
+                    "entries": [], "overflow": {"entries": overflow.entries,
+                                                "capacity": overflow.capacity}}
+        self.overflows.pop(ident, None)
+        body = encode_policy(pol, 0)
+        del body["revision"]
+        return body
+
+    async def _publish(self, idents: Iterable[int]) -> None:
+        semaphore = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+
+        async def one(ident: int) -> None:
+            async with semaphore:
+                desired = self._desired(ident)
+                key = kv_key(ident)
+                if desired is None:
+                    if key in self.published:
+                        await self._delete(key)
+                    return
+                await self._put(key, desired)
+
+        await asyncio.gather(*(one(i) for i in sorted(set(idents))))
+
+    async def _put(self, key: str, body: dict[str, Any]) -> None:
+        """Write only a changed value; the revision counts up per key; a racing replica that
+        wrote the same entries wins harmlessly (expected-revision puts, re-read on conflict)."""
+        kv = self._policy_kv
+        assert kv is not None
+        for _ in range(5):
+            current = self.published.get(key)
+            if current is not None and strip_revision(current.value) == body:
+                return
+            revision = int(current.value.get("revision", 0)) + 1 if current else 1
+            value = {"identity": body["identity"], "revision": revision,
+                     **{k: v for k, v in body.items() if k != "identity"}}
+            try:
+                kv_rev = await kv.put(key, value,
+                                      expected_revision=current.kv_revision if current else 0)
+            except RevisionConflict:
+                entry = await kv.get(key)
+                if entry is None:
+                    self.published.pop(key, None)
+                else:
+                    self.published[key] = Published(entry.value, entry.revision)
+                continue
+            self.published[key] = Published(value, kv_rev)
+            self.stats["puts"] += 1
+            return
+        self.ctx.log.warning("policy %s: gave up after repeated revision conflicts", key)
+        self._retry_later()
+
+    async def _delete(self, key: str) -> None:
+        assert self._policy_kv is not None
+        await self._policy_kv.delete(key)
+        self.published.pop(key, None)
+        self.stats["deletes"] += 1
+
+    def _update_status(self) -> None:
+        status = self.ctx.status
+        status["policies"] = len(self.engine.policies.rules) if self.engine else 0
+        status["identities"] = len(self.identities)
+        status["published"] = len(self.published)
+        status["overflow"] = sorted(self.overflows.values())
+        status.update(self.stats)
+
+    # -- REST hooks ------------------------------------------------------------------------
+
+    async def after_commit(self) -> None:
+        self._policies_dirty = True
+        self._wake.set()
+
+    async def on_apply(self, uow: UnitOfWork, resource: Resource, _old: StoredResource | None,
+                       dry_run: bool) -> dict[str, Any]:
+        try:
+            normalize([resource])  # type: ignore[list-item]
+        except (ValueError, KeyError) as exc:
+            raise field_problem(422, "spec", str(exc)) from None
+        if not dry_run:
+            return {}
+        return {"diff": await self.dry_run_diff(uow, resource)}
+
+    async def dry_run_diff(self, uow: UnitOfWork, resource: Resource) -> list[str]:
+        """Reachability before and after storing ``resource``, from the current identities."""
+        ref = (resource.kind, resource.metadata.namespace or "", resource.metadata.name)
+        others: list[PolicyResource] = []
+        before_all: list[PolicyResource] = []
+        for item in await self._stored_policies(uow):
+            try:
+                parsed = parse_resource(item.to_document())
+            except ResourceError:
+                continue
+            before_all.append(parsed)  # type: ignore[arg-type]
+            if (item.kind, item.namespace, item.name) != ref:
+                others.append(parsed)  # type: ignore[arg-type]
+        before_set = normalize(before_all)
+        after_set = normalize([*others, resource])  # type: ignore[list-item]
+        world = IdentityWorld(dict(self.identities), dict(self.named_ports))
+        allocate = SequentialIds(self._known_cidrs())
+        after_engine = PolicyEngine(before_set, world, allocate_cidr=allocate,
+                                    capacity=self.capacity)
+        after_engine.compiled = {}
+        affected = sorted(after_engine.replace_policies(after_set, allocate))
+        before_engine = PolicyEngine(before_set, world, allocate_cidr=allocate,
+                                     capacity=self.capacity)
+        before = {i: before_engine.compile_identity(i) for i in affected}
+        after = {i: after_engine.compiled[i] for i in affected}
+        actors = [Actor(f"{ep.get('namespace')}/{ep.get('name')}", int(ep["identity"]), True)
+                  for ep in self.endpoints.values() if isinstance(ep.get("identity"), int)]
+        cidrs = {**before_engine.ipcache, **after_engine.ipcache}
+        actors += [Actor(prefix, ident, False) for prefix, ident in sorted(cidrs.items())]
+        probes: set[Probe] = set()
+        for ep in self.endpoints.values():
+            for port in ep.get("ports") or []:
+                proto = PROTOCOL_NUMBERS.get(str(port.get("protocol") or "TCP").upper())
+                if proto and isinstance(port.get("port"), int):
+                    probes.add((proto, int(port["port"])))
+        return reachability_diff(before, after, actors, probes)
+
+
+SERVICE_KEY: web.AppKey[PolicyService] = web.AppKey("ciliate.policy.service", PolicyService)
+"""The running service object (tests and benchmarks read its stats)."""
+
+
+CAPACITY_SETTING = "policy_map_capacity"
+"""``Settings.extra`` key (or ``CILIATE_POLICY_MAP_CAPACITY``): entries allowed per identity."""
 
 
 async def setup(ctx: ServiceContext) -> None:
-    ResourceHandlers(ctx.database, owned_kinds("policy")).register(ctx.app)
+    raw = ctx.settings.extra.get(CAPACITY_SETTING) or os.environ.get(
+        "CILIATE_POLICY_MAP_CAPACITY", "")
+    service = PolicyService(ctx, capacity=int(raw) if raw else DEFAULT_MAP_CAPACITY)
+    ctx.app[SERVICE_KEY] = service
+    await service.start()
 
 
 SPEC = ServiceSpec(name="policy", setup=setup, uses_db=True)

@@ -432,10 +432,14 @@ class PolicyEngine:
         if named_ports:
             self.named_ports[ident] = named_ports
         changed = set(self.cache.add(ident, labels))
+        cidr = is_cidr_identity(ident)
         affected: set[int] = set()
         for rule in self.policies.rules:
             peer_hit = any(
-                p.selector in changed or p.kind is PeerKind.ENTITY for p in rule.peers
+                p.selector in changed
+                or p.kind is PeerKind.ENTITY
+                or (cidr and p.kind is PeerKind.CIDR)
+                for p in rule.peers
             ) or any(s in changed for s in rule.requires)
             if peer_hit:
                 affected |= self.cache.select(rule.subject)
@@ -455,6 +459,60 @@ class PolicyEngine:
         if old is not None:
             deltas[ident] = EntryDelta(added={}, removed=set(old.entries))
         return deltas
+
+    def set_named_ports(
+        self, ident: int, ports: Mapping[tuple[str, int], frozenset[int]]
+    ) -> dict[int, EntryDelta]:
+        """An identity's named ports changed: recompile the locals whose rules name ports."""
+        if dict(self.named_ports.get(ident, {})) == dict(ports):
+            return {}
+        if ports:
+            self.named_ports[ident] = ports
+        else:
+            self.named_ports.pop(ident, None)
+        affected = {ident} if ident in self.compiled else set()
+        for rule in self.policies.rules:
+            if any(isinstance(spec.port, str) for spec in rule.ports):
+                affected |= self.cache.select(rule.subject)
+        return self._recompile(affected & set(self.local_identities()))
+
+    def replace_policies(
+        self, policies: PolicySet, allocate_cidr: CIDRAllocator | None = None
+    ) -> dict[int, EntryDelta]:
+        """New rules: recompile only the locals that old or new changed rules select.
+
+        Prefixes the new rules name get CIDR identities first (from the cache's labels when
+        known, else ``allocate_cidr``); those new identities also touch every rule whose peers
+        are entities or CIDRs, since ``world`` and wider prefixes select them.
+        """
+        old_rules, new_rules = set(self.policies.rules), set(policies.rules)
+        old_enf, new_enf = set(self.policies.enforcements), set(policies.enforcements)
+        known = {c: i for i, labels in self.cache.identities.items() if (c := cidr_of(labels))}
+        ipcache: dict[str, int] = {}
+        added_cidr = False
+        for prefix in sorted(cidr_prefixes(policies)):
+            ident = self.ipcache.get(prefix, known.get(prefix))
+            if ident is None:
+                if allocate_cidr is None:
+                    raise ValueError(f"policy names {prefix} but no CIDR allocator was given")
+                ident = allocate_cidr(prefix)
+            if ident not in self.cache.identities:
+                labels = LabelSet.from_strings([f"cidr:{prefix}", "reserved:world"])
+                self.cache.add(ident, labels)
+                added_cidr = True
+            ipcache[prefix] = ident
+        affected: set[int] = set()
+        for rule in old_rules ^ new_rules:
+            affected |= self.cache.select(rule.subject)
+        for enf in old_enf ^ new_enf:
+            affected |= self.cache.select(enf.subject)
+        if added_cidr:
+            for rule in new_rules | old_rules:
+                if any(p.kind in (PeerKind.ENTITY, PeerKind.CIDR) for p in rule.peers):
+                    affected |= self.cache.select(rule.subject)
+        self.policies = policies
+        self.ipcache = ipcache
+        return self._recompile(affected & set(self.local_identities()))
 
     def _recompile(self, locals_: Iterable[int]) -> dict[int, EntryDelta]:
         deltas: dict[int, EntryDelta] = {}
