@@ -1,12 +1,17 @@
-"""``ciliate policy matrix|trace``: offline, through the same compile and lookup as the datapath."""
+"""``ciliate policy matrix|trace`` (offline, through the same compile and lookup as the datapath),
+``ciliate policy get`` and ``ciliate bpf policy get`` (the running stack)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
+from ciliate.bus import Bucket
+from ciliate.cli.output import echo_json, fail, run, table
+from ciliate.client import ApiError, Client, ContextMissing, connect_bus
 from ciliate.resources.base import Resource, ResourceError
 from ciliate.resources.ciliumpolicy import CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy
 from ciliate.resources.loader import load_resources
@@ -99,3 +104,120 @@ def trace_cmd(
         assert isinstance(info, dict)
         rules = ", ".join(info["rules"]) or "-"
         click.echo(f"  {side:<8} {info['verdict']:<15} entry={info['entry']} rules: {rules}")
+
+
+# --- against the running stack ------------------------------------------------------------
+
+POLICY_KINDS = ("NetworkPolicy", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
+
+
+async def _stored_policies() -> list[dict[str, Any]]:
+    async with Client.from_context() as client:
+        items: list[dict[str, Any]] = []
+        for kind in POLICY_KINDS:
+            body = await client.get("policy", f"/v1/resources/{kind}")
+            items += body.get("items", [])
+        return items
+
+
+@policy.command("get")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def get_cmd(output: str) -> None:
+    """The stored policies (NetworkPolicy, CNP, CCNP), from the policy service."""
+    try:
+        items = run(_stored_policies())
+    except (ContextMissing, ApiError) as exc:
+        fail(str(exc))
+        return
+    if output == "json":
+        echo_json(items)
+        return
+    rows = [[i["kind"], i["metadata"].get("namespace", ""), i["metadata"]["name"],
+             i["metadata"].get("generation", "")] for i in items]
+    click.echo(table(["KIND", "NAMESPACE", "NAME", "GENERATION"], rows))
+
+
+BPF_HEADERS = ["POLICY", "DIRECTION", "LABELS (source:key[=value])", "PORT/PROTO", "PROXY PORT",
+               "AUTH TYPE", "BYTES", "PACKETS", "PREFIX"]
+PROTO_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items() if v}
+
+
+def port_text(entry: dict[str, Any]) -> str:
+    """``ANY``, ``80/TCP``, ``ANY/UDP`` or a range block ``1024-1535/TCP``."""
+    proto = int(entry["proto"])
+    if proto == 0:
+        return "ANY"
+    name = PROTO_NAMES.get(proto, str(proto))
+    plen, port = int(entry["port_prefixlen"]), int(entry["port"])
+    if plen == 0:
+        return f"ANY/{name}"
+    if plen == 16:
+        return f"{port}/{name}"
+    return f"{port}-{port + (1 << (16 - plen)) - 1}/{name}"
+
+
+def bpf_rows(value: dict[str, Any], labels: dict[int, list[str]]) -> list[list[str]]:
+    """One row per entry (extra label lines below it), as ``cilium-dbg bpf policy get``."""
+    rows: list[list[str]] = []
+    for e in value.get("entries", []):
+        peer = int(e["peer"])
+        names = ["ANY"] if peer == 0 else (labels.get(peer) or [f"identity {peer}"])
+        proto = int(e["proto"])
+        prefix = 0 if proto == 0 else 8 + int(e["port_prefixlen"])
+        rows.append(["Deny" if e["deny"] else "Allow", str(e["direction"]).capitalize(),
+                     names[0], port_text(e), str(e["proxy_port"] or "NONE"), "disabled",
+                     str(e.get("bytes", 0)), str(e.get("packets", 0)), str(prefix)])
+        rows += [["", "", extra, "", "", "", "", "", ""] for extra in names[1:]]
+    return rows
+
+
+async def _bpf_policy(target: str) -> tuple[dict[str, Any], dict[int, list[str]]]:
+    bus = await connect_bus(name="ciliate-cli-policy")
+    try:
+        ident_text = target
+        if "/" in target:
+            ns, _, name = target.partition("/")
+            ep = await (await bus.kv(Bucket.ENDPOINTS)).get(f"{ns}.{name}")
+            if ep is None:
+                raise click.ClickException(f"no endpoint {target}")
+            ident_text = str(ep.value["identity"])
+        if not ident_text.isdigit():
+            raise click.BadParameter(f"{target!r} is neither an identity nor NS/POD")
+        entry = await (await bus.kv(Bucket.POLICY)).get(ident_text)
+        if entry is None:
+            raise click.ClickException(f"no policy published for identity {ident_text}")
+        identities = await (await bus.kv(Bucket.IDENTITIES)).items()
+        labels = {int(v["id"]): list(v["labels"]) for v in identities.values()
+                  if isinstance(v, dict) and isinstance(v.get("id"), int)}
+        return dict(entry.value), labels
+    finally:
+        await bus.close()
+
+
+@click.group("bpf")
+def bpf() -> None:
+    """Direct access to the (published) BPF maps."""
+
+
+@bpf.group("policy")
+def bpf_policy() -> None:
+    """Policy-map entries per identity."""
+
+
+@bpf_policy.command("get")
+@click.argument("target")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def bpf_policy_get(target: str, output: str) -> None:
+    """Entries for IDENTITY or NS/POD, as published in KV ``policy``."""
+    try:
+        value, labels = run(_bpf_policy(target))
+    except ContextMissing as exc:
+        fail(str(exc))
+        return
+    if output == "json":
+        echo_json(value)
+        return
+    if value.get("overflow"):
+        click.echo(f"Error: policy refused: {value['overflow']['entries']} entries exceed the "
+                   f"map capacity {value['overflow']['capacity']}", err=True)
+    click.echo(table(BPF_HEADERS, bpf_rows(value, labels)))

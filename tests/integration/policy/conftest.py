@@ -43,7 +43,8 @@ async def policy_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
         closers.append(bus.close)
         session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
         closers.append(session.close)
-        stack = PolicyStack(bus, f"http://127.0.0.1:{port}", session, FakeIdentity(bus))
+        stack = PolicyStack(bus, f"http://127.0.0.1:{port}", session, FakeIdentity(bus),
+                            nats.url)
         if allocate:
             await stack.serve_allocate()
 

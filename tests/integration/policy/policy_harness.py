@@ -63,6 +63,7 @@ class PolicyStack:
     base_url: str
     session: aiohttp.ClientSession
     identity: FakeIdentity
+    nats_url: str = ""
 
     async def rest(self, method: str, path: str, body: Any = None,
                    params: dict[str, str] | None = None) -> tuple[int, Any]:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from policy_harness import SHARED, StackFactory, conformance_world, wait_for
+from click.testing import CliRunner
+from policy_harness import SHARED, TOKEN, StackFactory, conformance_world, wait_for
 
 from ciliate.bus import Bucket
+from ciliate.client import ClientContext
 from ciliate.labels import CIDR_IDENTITY_BASE
+from services.policy.cli import bpf, policy
 from services.policy.core.compile import CompileResult
 from services.policy.core.kv import decode_policy
 from services.policy.core.world import World, matrix
@@ -247,3 +251,36 @@ async def test_overflow_is_refused_loudly_never_truncated(policy_stack: StackFac
     value = (await stack.policy_kv())[xa]
     # x/a had a (small) value before: it is kept as it was, not replaced by a truncated map.
     assert value["revision"] == 1 and value["entries"] == [] and not value.get("overflow")
+
+
+@needs_shared
+async def test_cli_policy_get_and_bpf_policy_get(
+    policy_stack: StackFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = await policy_stack()
+    world = conformance_world()
+    await stack.publish_world(world)
+    doc = docs(SHARED / "cases" / "06-ports.yaml")[0]
+    assert (await stack.rest("POST", "/v1/resources", doc))[0] == 201
+    xa = world.pods["x/a"].identity
+
+    async def enforced() -> bool:
+        value = (await stack.policy_kv()).get(str(xa))
+        return bool(value and value["enforce"]["ingress"])
+
+    await wait_for(enforced, what="x/a enforced")
+    ClientContext(str(tmp_path), stack.nats_url, TOKEN,
+                  services={"policy": [stack.base_url]}).save()
+    monkeypatch.setenv("CILIATE_STATE_DIR", str(tmp_path))
+    runner = CliRunner()
+    got = await asyncio.to_thread(runner.invoke, policy, ["get", "-o", "json"])
+    assert got.exit_code == 0, got.output
+    assert [i["metadata"]["name"] for i in json.loads(got.output)] == [doc["metadata"]["name"]]
+    got = await asyncio.to_thread(runner.invoke, bpf, ["policy", "get", "x/a"])
+    assert got.exit_code == 0, got.output
+    lines = got.output.splitlines()
+    assert lines[0].split("   ")[0] == "POLICY" and "LABELS (source:key[=value])" in lines[0]
+    assert any(line.startswith("Allow") and "Ingress" in line and "reserved:host" in line
+               for line in lines), got.output
+    got = await asyncio.to_thread(runner.invoke, bpf, ["policy", "get", str(xa), "-o", "json"])
+    assert json.loads(got.output) == (await stack.policy_kv())[str(xa)]
