@@ -33,6 +33,7 @@ from services.identity.core.allocator import (
     reserved_id_for,
     scope_of,
 )
+from services.identity.core.cidr import cidr_owner, identity_of_owner
 from services.identity.core.endpoints import next_endpoint_id
 from services.identity.core.ipam import Ipam, IpamError
 
@@ -70,10 +71,26 @@ endpoints = sa.Table(
 )
 """One row per pod: its endpoint id, the identity it holds a reference to, its KV record."""
 
+PREFIX_POOL = "cidr"
+"""``ip_allocations.pool`` of rows holding a CIDR identity's prefix (pod rows name a node CIDR)."""
+REQUIRED_TABLES = ("resources", "identities", "ip_allocations", "node_cidrs", "endpoints")
+"""What the service reads and writes; created by ``ciliate db upgrade`` (migrations 0001, 0002)."""
+
 T = TypeVar("T")
 CHUNK = 1000
 """Rows per statement: well inside SQLite's and asyncpg's bound-parameter limits."""
 MAX_ATTEMPTS = 50
+
+
+class SchemaMissing(RuntimeError):
+    """The database has not been migrated: the service cannot start."""
+
+
+async def missing_tables(db: Database) -> list[str]:
+    """Required tables the database lacks (empty when migrated)."""
+    async with db.engine.connect() as conn:
+        present = await conn.run_sync(lambda sync: set(sa.inspect(sync).get_table_names()))
+    return [name for name in REQUIRED_TABLES if name not in present]
 
 
 class AllocationFailed(RuntimeError):
@@ -388,6 +405,13 @@ class AddressRepository:
             )
         raise IpamError("spec.nodeName", f"could not assign a pod CIDR to node {node}")
 
+    async def adopt_node_cidr(self, node: str, cidr: str) -> None:
+        """Record ``cidr`` as the node's pod CIDR unless the node or the CIDR is taken already
+        (a pod applied with an address tells us which /24 its node uses)."""
+        await self.session.execute(
+            _insert(self.session, node_cidrs).values(node=node, cidr=cidr).on_conflict_do_nothing()
+        )
+
     async def node_of_cidr(self, cidr: str) -> str | None:
         row = (
             await self.session.execute(
@@ -506,6 +530,54 @@ class AddressRepository:
             .where(endpoints.c.owner == owner)
             .values(identity=identity, record=record)
         )
+
+    async def claim_prefixes(self, prefixes: dict[str, int]) -> list[tuple[str, int]]:
+        """Point each prefix at its CIDR identity; returns the (prefix, id) pairs that are new
+        or changed (the ipcache entries to publish)."""
+        rows = [
+            {"ip": prefix, "owner": cidr_owner(ident), "node": "", "pool": PREFIX_POOL}
+            for prefix, ident in sorted(prefixes.items())
+        ]
+        changed: list[tuple[str, int]] = []
+        for chunk in _chunks(rows):
+            stmt = _insert(self.session, ip_allocations).values(list(chunk))
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[ip_allocations.c.ip],
+                set_={"owner": stmt.excluded.owner, "pool": PREFIX_POOL},
+                where=ip_allocations.c.owner != stmt.excluded.owner,
+            ).returning(ip_allocations.c.ip, ip_allocations.c.owner)
+            for prefix, owner in await self.session.execute(stmt):
+                ident = identity_of_owner(str(owner))
+                if ident is not None:
+                    changed.append((str(prefix), ident))
+        return changed
+
+    async def release_prefixes(self, ids: Iterable[int]) -> list[str]:
+        """Drop the prefixes of these (now unreferenced) CIDR identities; returns them."""
+        owners = sorted({cidr_owner(i) for i in ids})
+        freed: list[str] = []
+        for chunk in _chunks(owners):
+            rows = await self.session.execute(
+                ip_allocations.delete()
+                .where(ip_allocations.c.owner.in_(chunk))
+                .returning(ip_allocations.c.ip)
+            )
+            freed += [str(r[0]) for r in rows]
+        return sorted(freed)
+
+    async def list_prefixes(self) -> list[tuple[str, int]]:
+        """Every (prefix, CIDR identity) pair held for other services."""
+        rows = await self.session.execute(
+            sa.select(ip_allocations.c.ip, ip_allocations.c.owner)
+            .where(ip_allocations.c.pool == PREFIX_POOL)
+            .order_by(ip_allocations.c.ip)
+        )
+        out = []
+        for prefix, owner in rows:
+            ident = identity_of_owner(str(owner))
+            if ident is not None:
+                out.append((str(prefix), ident))
+        return out
 
     async def list_endpoints(self) -> list[dict[str, Any]]:
         rows = await self.session.execute(

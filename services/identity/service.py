@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from ciliate.api import Problem, field_problem, route
 from ciliate.api.resources import ResourceHandlers, owned_kinds
@@ -32,7 +33,13 @@ from ciliate.resources.core import Namespace, Pod
 from ciliate.runner import ServiceContext, ServiceSpec
 from ciliate.store import ResourceRepository, StoredResource
 from ciliate.store.database import UnitOfWork
-from services.identity.core.allocator import DEFAULT_GRACE_SECONDS, reserved_id_for
+from services.identity.core.allocator import (
+    DEFAULT_GRACE_SECONDS,
+    Scope,
+    reserved_id_for,
+    scope_of,
+)
+from services.identity.core.cidr import PrefixError, parse_prefix, prefix_of
 from services.identity.core.endpoints import (
     Endpoint,
     NamedPort,
@@ -48,6 +55,8 @@ from services.identity.repository import (
     AddressRepository,
     IdentityAllocator,
     IpConflict,
+    SchemaMissing,
+    missing_tables,
     run_in_transaction,
 )
 
@@ -129,8 +138,14 @@ class IdentityService:
         """Publish the whole SQL state, so the KV buckets match it after any restart."""
         async with self.db.unit_of_work() as uow:
             idents = await self.allocator.list_all(uow.session)
-            records = await AddressRepository(uow.session, self.ipam).list_endpoints()
+            addresses = AddressRepository(uow.session, self.ipam)
+            records = await addresses.list_endpoints()
+            prefixes = await addresses.list_prefixes()
         pending = Pending()
+        for prefix, cidr_ident in prefixes:
+            pending.put(
+                Bucket.IPCACHE, ipcache_key(prefix), ipcache_value(prefix, cidr_ident, "")
+            )
         for ident in idents:
             pending.put(Bucket.IDENTITIES, str(ident.id), identity_value(ident.id, ident.labels))
             self.cache[";".join(ident.labels)] = ident.id
@@ -199,10 +214,12 @@ class IdentityService:
         ips = list(pod.ips)
         try:
             if ips:
+                cidr = self.ipam.node_cidr_of(ips[0])
                 if not node:
-                    cidr = self.ipam.node_cidr_of(ips[0])
                     node = (await addresses.node_of_cidr(cidr) if cidr else None) or ""
                 node = node or self.default_node
+                if cidr:
+                    await addresses.adopt_node_cidr(node, cidr)
                 for ip in ips:
                     await addresses.claim(ip, owner, node)
             else:
@@ -282,13 +299,54 @@ class IdentityService:
             result.append(LabelSet.from_strings(labels))
         return result
 
+    @staticmethod
+    def parse_prefixes(payload: dict[str, Any], sets: Sequence[LabelSet]) -> list[str | None]:
+        """The prefix of each label set: given in ``prefixes`` (aligned with ``labels``, null
+        for none) or, for CIDR label sets, the most specific ``cidr:`` label."""
+        given = payload.get("prefixes")
+        if given is None:
+            return [prefix_of(ls) if scope_of(ls) is Scope.CIDR else None for ls in sets]
+        if not isinstance(given, list) or len(given) != len(sets):
+            raise BadRequest("prefixes", "expected a list aligned with 'labels' (null for none)")
+        out: list[str | None] = []
+        for index, (text, ls) in enumerate(zip(given, sets, strict=True)):
+            if text is None:
+                out.append(None)
+                continue
+            where = f"prefixes[{index}]"
+            if not isinstance(text, str):
+                raise BadRequest(where, "expected a prefix string such as '10.0.0.0/8'")
+            if scope_of(ls) is not Scope.CIDR:
+                raise BadRequest(where, f"labels[{index}] has no cidr: label; only CIDR "
+                                 "identities carry a prefix")
+            try:
+                out.append(parse_prefix(text))
+            except PrefixError as exc:
+                raise BadRequest(where, str(exc)) from None
+        return out
+
     async def handle_allocate(self, payload: Any) -> dict[str, Any]:
+        """``{"labels": [[label, ...], ...], "prefixes": [...]?}`` -> ``{"ids": [...]}``: one
+        reference per label set; CIDR identities also get an ipcache entry for their prefix."""
         sets = self.parse_label_sets(payload)
+        prefixes = self.parse_prefixes(payload, sets)
         created: set[int] = set()
-        ids = await run_in_transaction(
-            self.db, lambda s: self.allocator.allocate(s, sets, created=created)
-        )
+
+        async def work(session: AsyncSession) -> tuple[list[int], list[tuple[str, int]]]:
+            created.clear()  # a retried transaction starts over
+            ids = await self.allocator.allocate(session, sets, created=created)
+            wanted = {p: i for p, i in zip(prefixes, ids, strict=True) if p is not None}
+            changed = (
+                await AddressRepository(session, self.ipam).claim_prefixes(wanted)
+                if wanted
+                else []
+            )
+            return ids, changed
+
+        ids, changed = await run_in_transaction(self.db, work)
         pending = Pending()
+        for prefix, ident in changed:
+            pending.put(Bucket.IPCACHE, ipcache_key(prefix), ipcache_value(prefix, ident, ""))
         for ls, ident in zip(sets, ids, strict=True):
             self.cache[ls.canonical()] = ident
             if ident in created:
@@ -302,7 +360,22 @@ class IdentityService:
         ids = payload.get("ids") if isinstance(payload, dict) else None
         if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
             raise BadRequest("ids", "expected {'ids': [int, ...]}")
-        released = await run_in_transaction(self.db, lambda s: self.allocator.release(s, ids))
+
+        async def work(session: AsyncSession) -> tuple[list[int], list[str]]:
+            released = await self.allocator.release(session, ids)
+            cidr_ids = [i for i in released if Scope.CIDR.contains(i)]
+            freed = (
+                await AddressRepository(session, self.ipam).release_prefixes(cidr_ids)
+                if cidr_ids
+                else []
+            )
+            return released, freed
+
+        released, freed = await run_in_transaction(self.db, work)
+        pending = Pending()
+        for prefix in freed:
+            pending.delete(Bucket.IPCACHE, ipcache_key(prefix))
+        await self.flush(pending)
         return {"unreferenced": released}
 
     async def handle_lookup(self, payload: Any) -> dict[str, Any]:
@@ -384,8 +457,11 @@ class IdentityService:
 
     async def list_ipcache(self, _request: web.Request) -> web.Response:
         async with self.db.unit_of_work() as uow:
-            records = await AddressRepository(uow.session, self.ipam).list_endpoints()
+            addresses = AddressRepository(uow.session, self.ipam)
+            records = await addresses.list_endpoints()
+            prefixes = await addresses.list_prefixes()
         rows = [ipcache_value(ip, r["identity"], r["node"]) for r in records for ip in r["ips"]]
+        rows += [ipcache_value(prefix, ident, "") for prefix, ident in prefixes]
         return web.json_response(sorted(rows, key=lambda r: r["prefix"]))
 
 
@@ -429,7 +505,21 @@ def _kind_routes(app: web.Application, handlers: ResourceHandlers) -> None:
     route(app, "DELETE", "/v1/pods/{namespace}/{name}", pod_delete, summary="delete a pod")
 
 
+async def require_tables(ctx: ServiceContext) -> None:
+    """Refuse to start on an unmigrated database, saying how to fix it (the runner does not
+    migrate; ``ciliate up`` and ``ciliate db upgrade`` do)."""
+    missing = await missing_tables(ctx.database)
+    if missing:
+        message = (
+            f"identity: the database lacks the tables {', '.join(missing)}; "
+            "run `ciliate db upgrade` (or start the stack with `ciliate up`, which migrates)"
+        )
+        ctx.log.error(message)
+        raise SchemaMissing(message)
+
+
 async def setup(ctx: ServiceContext) -> None:
+    await require_tables(ctx)
     env = ctx.settings.extra | dict(os.environ)
     ipam = Ipam(
         env.get("CILIATE_CLUSTER_CIDR", DEFAULT_CLUSTER_CIDR),

@@ -22,8 +22,8 @@ from ciliate.labels import (
     RESERVED,
     LabelSet,
 )
+from services.identity.core.cidr import is_cidr_label_set
 
-CIDR_SOURCE = "cidr"
 CIDR_IDENTITY_MIN = CIDR_IDENTITY_BASE + 1
 CIDR_IDENTITY_MAX = CIDR_IDENTITY_BASE + (1 << 24) - 1
 DEFAULT_GRACE_SECONDS = 300.0
@@ -53,8 +53,9 @@ class PoolExhausted(RuntimeError):
 
 
 def scope_of(labels: LabelSet) -> Scope:
-    """``cidr:`` label sets get local CIDR identities; everything else a cluster identity."""
-    if labels and all(label.source == CIDR_SOURCE for label in labels):
+    """``cidr:`` label sets (``reserved:world`` may ride along) get local CIDR identities;
+    everything else a cluster identity."""
+    if is_cidr_label_set(labels):
         return Scope.CIDR
     return Scope.CLUSTER
 
