@@ -261,10 +261,13 @@ class LbService:
         self.frontend_ids.update(got_f)
 
     async def publish(self, changes: Changes) -> None:
-        await asyncio.gather(
-            *(self.kv.put(k, v) for k, v in changes.puts.items()),
-            *(self.kv.delete(k) for k in changes.deletes),
-        )
+        """Tables first, then the Services pointing at them, then deletions: a reader never
+        finds a Service whose table is missing."""
+        tables = {k: v for k, v in changes.puts.items() if k.startswith(TABLE_PREFIX)}
+        await asyncio.gather(*(self.kv.put(k, v) for k, v in tables.items()))
+        await asyncio.gather(*(self.kv.put(k, v) for k, v in changes.puts.items()
+                               if k not in tables))
+        await asyncio.gather(*(self.kv.delete(k) for k in sorted(changes.deletes)))
         self.kv_keys |= set(changes.puts)
         self.kv_keys -= changes.deletes
 

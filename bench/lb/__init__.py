@@ -1,0 +1,1 @@
+"""Benchmark: one backend change to updated KV lb entries."""
