@@ -9,6 +9,7 @@ node's directory): each node of a dev cluster acts only on its own processes.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import subprocess
 import threading
@@ -36,8 +37,17 @@ from services.security.core.wire import Record, WireError, decode
 TRACEFS = Path("/sys/kernel/tracing/events")
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
+PROCS_TABLE = "ciliate_procs"
+"""The public map the lifecycle programs fill and the policy programs read."""
+_INSTANCES = itertools.count(1)
 
-__all__ = ["LoadedPolicy", "Loader", "MissingKernelFeature", "tracepoint_format"]
+__all__ = ["LoadedPolicy", "Loader", "MissingKernelFeature", "policy_key", "tracepoint_format"]
+
+
+def policy_key(name: str, namespace: str | None) -> str:
+    """How a policy is named in KV `tracingpolicies` and in ``Loader.policies``: ``name`` for a
+    TracingPolicy, ``namespace.name`` for a TracingPolicyNamespaced (NATS keys hold no '/')."""
+    return f"{namespace}.{name}" if namespace else name
 
 
 def tracepoint_format(subsystem: str, event: str) -> str | None:
@@ -87,7 +97,11 @@ class Loader:
     _lifecycle: Any = None
     _next_id: int = 1
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _poll_lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held while polling and while a BPF object is torn down, so no poll reads freed maps."""
     _batch: list[Record] = field(default_factory=list)
+    _lost_unloaded: int = 0
+    _instance: int = field(default_factory=lambda: next(_INSTANCES))
 
     def _offsets(self, paths: Iterable[str]) -> dict[str, int]:
         wanted = list(paths)
@@ -99,6 +113,11 @@ class Loader:
             bpf[b"node_cgroup"][0] = fd
         finally:
             os.close(fd)
+
+    def _shared_names(self, text: str) -> str:
+        """bcc keeps public tables in a process-wide registry that outlives cleanup(); a name
+        of this loader's own keeps a second Loader in one process off a dead table."""
+        return text.replace(PROCS_TABLE, f"{PROCS_TABLE}_{self._instance}")
 
     def _callback(self, _ctx: Any, data: Any, size: int) -> None:
         try:
@@ -114,7 +133,7 @@ class Loader:
             require(name, self.features)
         text = compile_lifecycle(_template("lifecycle.c"), _template("common.h"),
                                  self._offsets(LIFECYCLE_OFFSETS))
-        bpf = BPF(text=text.encode())
+        bpf = BPF(text=self._shared_names(text).encode())
         self._scope(bpf)
         bpf[b"events"].open_ring_buffer(self._callback)
         self._lifecycle = bpf
@@ -125,6 +144,15 @@ class Loader:
         for name in spec.required_features:
             require(name, features)
 
+    def validate(self, doc: Mapping[str, Any]) -> PolicySpec:
+        """Everything load_policy checks, without loading: the spec against this node's
+        tracepoint formats, the kernel features it needs, and the C compile of its selectors."""
+        spec = parse_resource(doc, tracepoint_format)
+        self.check(spec)
+        compile_policy(spec, _template("policy.c"), _template("common.h"), 0,
+                       self._offsets(required_offsets(spec)))
+        return spec
+
     def load_policy(self, doc: Mapping[str, Any]) -> LoadedPolicy:
         """Validate, compile, check kernel features, then load and attach (all or nothing)."""
         from bcc import BPF
@@ -133,20 +161,21 @@ class Loader:
             raise RuntimeError("start() the lifecycle programs before loading policies")
         spec = parse_resource(doc, tracepoint_format)
         self.check(spec)
-        if spec.name in self.policies:
-            self.unload_policy(spec.name)
+        key = policy_key(spec.name, spec.namespace)
+        if key in self.policies:
+            self.unload_policy(key)
         policy_id = self._next_id
         self._next_id += 1
         compiled = compile_policy(spec, _template("policy.c"), _template("common.h"), policy_id,
                                   self._offsets(required_offsets(spec)))
-        bpf = BPF(text=compiled.c_text.encode())
+        bpf = BPF(text=self._shared_names(compiled.c_text).encode())
         try:
             self._scope(bpf)
             for name, keys in compiled.maps.items():
                 table = bpf[name.encode()]
-                for key in keys:
+                for raw in keys:
                     k = table.Key()
-                    ctypes.memmove(ctypes.addressof(k), key, len(key))
+                    ctypes.memmove(ctypes.addressof(k), raw, len(raw))
                     table[k] = table.Leaf(1)
             for att in compiled.attachments:
                 if att.kind is not HookKind.TRACEPOINT:
@@ -162,26 +191,39 @@ class Loader:
         )
         loaded = LoadedPolicy(spec, policy_id, compiled, bpf, info)
         with self._lock:
-            self.policies[spec.name] = loaded
+            self.policies[key] = loaded
         return loaded
 
-    def set_allowed_cgroups(self, name: str, cgroup_ids: Iterable[int]) -> None:
+    def set_allowed_cgroups(self, key: str, cgroup_ids: Iterable[int]) -> None:
         """For namespaced/pod-selected policies: the cgroup ids of the matching endpoints."""
-        loaded = self.policies[name]
+        loaded = self.policies[key]
         if not loaded.compiled.restrict_cgroups:
             return
         table = loaded.bpf[b"allowed_cgroups"]
-        table.clear()
-        for cg in cgroup_ids:
+        wanted = set(cgroup_ids)
+        present = {int(k.value) for k in table}
+        for cg in wanted - present:  # add before removing: no window where a pod is unmatched
             table[table.Key(cg)] = table.Leaf(1)
+        for cg in present - wanted:
+            del table[table.Key(cg)]
 
     def unload_policy(self, name: str) -> bool:
         with self._lock:
             loaded = self.policies.pop(name, None)
         if loaded is None:
             return False
-        loaded.bpf.cleanup()
+        with self._poll_lock:
+            self._lost_unloaded += _lost_count(loaded.bpf)
+            loaded.bpf.cleanup()
         return True
+
+    def kernel_lost(self) -> int:
+        """Records the kernel could not put in a full ring buffer, over every program so far."""
+        with self._lock:
+            objects = [p.bpf for p in self.policies.values()]
+        if self._lifecycle is not None:
+            objects.append(self._lifecycle)
+        return self._lost_unloaded + sum(_lost_count(b) for b in objects)
 
     def poll(self, timeout_ms: int = 50) -> int:
         """Deliver pending records to on_record in time order; returns how many.
@@ -191,15 +233,16 @@ class Loader:
         is drained again, so the exec behind any policy record is in the same batch; the batch
         is then delivered sorted by kernel time.
         """
-        if self._lifecycle is None:
-            return 0
-        with self._lock:
-            loaded = list(self.policies.values())
-        self._lifecycle.ring_buffer_poll(timeout_ms)
-        for policy in loaded:
-            policy.bpf.ring_buffer_consume()
-        self._lifecycle.ring_buffer_consume()
-        batch, self._batch = self._batch, []
+        with self._poll_lock:
+            if self._lifecycle is None:
+                return 0
+            with self._lock:
+                loaded = list(self.policies.values())
+            self._lifecycle.ring_buffer_poll(timeout_ms)
+            for policy in loaded:
+                policy.bpf.ring_buffer_consume()
+            self._lifecycle.ring_buffer_consume()
+            batch, self._batch = self._batch, []
         batch.sort(key=lambda r: r.header.ktime)
         for record in batch:
             self.on_record(record)
@@ -208,9 +251,18 @@ class Loader:
     def close(self) -> None:
         for name in list(self.policies):
             self.unload_policy(name)
-        if self._lifecycle is not None:
-            self._lifecycle.cleanup()
-            self._lifecycle = None
+        with self._poll_lock:
+            if self._lifecycle is not None:
+                self._lifecycle.cleanup()
+                self._lifecycle = None
+
+
+def _lost_count(bpf: Any) -> int:
+    try:
+        table = bpf[b"lost_records"]
+    except KeyError:
+        return 0
+    return sum(int(v) for v in table.getvalue(table.Key(0)))
 
 
 def cgroup_id(path: Path) -> int:

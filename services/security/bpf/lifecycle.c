@@ -7,6 +7,15 @@ BPF_CGROUP_ARRAY(node_cgroup, 1);
 BPF_PERCPU_ARRAY(exec_scratch, struct ev_exec, 1);
 BPF_PERCPU_ARRAY(proc_scratch, struct proc_info, 1);
 BPF_RINGBUF_OUTPUT(events, {{RINGBUF_PAGES}});
+BPF_PERCPU_ARRAY(lost_records, u64, 1);
+
+/* A full ring buffer drops the record; count it so the agent reports the loss. */
+static __always_inline void count_lost(void) {
+    u32 zero = 0;
+    u64 *n = lost_records.lookup(&zero);
+    if (n)
+        (*n)++;
+}
 
 struct exit_info {
     u32 code;
@@ -110,7 +119,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     u32 tgid = e->h.pid;
     ciliate_procs.update(&tgid, pi);
     exits.delete(&tgid);
-    events.ringbuf_output(e, sizeof(*e), 0);
+    if (events.ringbuf_output(e, sizeof(*e), 0))
+        count_lost();
     return 0;
 }
 
@@ -129,7 +139,8 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
         h.exec_ktime = pi->exec_ktime;
         ciliate_procs.update(&child, pi);
     }
-    events.ringbuf_output(&h, sizeof(h), 0);
+    if (events.ringbuf_output(&h, sizeof(h), 0))
+        count_lost();
     return 0;
 }
 
@@ -186,7 +197,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     struct proc_info *pi = ciliate_procs.lookup(&tgid);
     if (pi)
         h.exec_ktime = pi->exec_ktime;
-    events.ringbuf_output(&h, sizeof(h), 0);
+    if (events.ringbuf_output(&h, sizeof(h), 0))
+        count_lost();
     exits.delete(&tgid);
     ciliate_procs.delete(&tgid);
     return 0;

@@ -6,6 +6,14 @@ BPF_TABLE("extern", u32, struct proc_info, ciliate_procs, 65536);
 BPF_CGROUP_ARRAY(node_cgroup, 1);
 BPF_PERCPU_ARRAY(tp_scratch, struct ev_tp, 1);
 BPF_RINGBUF_OUTPUT(events, {{RINGBUF_PAGES}});
+BPF_PERCPU_ARRAY(lost_records, u64, 1);
+
+static __always_inline void count_lost(void) {
+    u32 zero = 0;
+    u64 *n = lost_records.lookup(&zero);
+    if (n)
+        (*n)++;
+}
 
 struct rate_key {
     u32 tgid;

@@ -263,7 +263,8 @@ class _HookCompiler:
             "    fill_hdr(&e->h, pi);",
             f"    e->h.aux1 = {hook_sel};",
             f"    e->h.aux2 = {code};",
-            "    events.ringbuf_output(e, sizeof(*e), 0);",
+            "    if (events.ringbuf_output(e, sizeof(*e), 0))",
+            "        count_lost();",
             "}",
             "return 0;",
         ]
