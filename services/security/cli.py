@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
 
+from ciliate.cli.output import echo_json, run, table
+from ciliate.client import ApiError, Client, connect_bus
 from ciliate.resources.base import ResourceError
 
 ENFORCEMENT_FEATURES = ("tracepoint", "ringbuf", "send_signal", "btf", "kprobe", "lsm",
@@ -56,3 +62,153 @@ def validate(path: Path) -> None:
         click.echo(f"{spec.name}: ok, needs {', '.join(spec.required_features)}")
     if failed:
         raise SystemExit(1)
+
+
+SERVICE = "security"
+KINDS = ("TracingPolicy", "TracingPolicyNamespaced")
+
+
+def _api_failure(exc: ApiError) -> None:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    errors = body.get("errors") or []
+    for err in errors:
+        click.echo(f"{err.get('field')}: {err.get('message')}", err=True)
+    if not errors:
+        click.echo(f"Error: {exc}", err=True)
+    raise SystemExit(1)
+
+
+@tracingpolicy.command("add")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def add(path: Path) -> None:
+    """Store the policies in FILE; every node's agent loads them."""
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+    async def send() -> list[Any]:
+        async with Client.from_context() as client:
+            return [await client.post(SERVICE, "/v1/resources", doc) for doc in docs]
+
+    try:
+        results = run(send())
+    except ApiError as exc:
+        _api_failure(exc)
+        return
+    for result in results:
+        obj = result["object"]
+        verb = "created" if result.get("created") else (
+            "configured" if result.get("changed") else "unchanged")
+        click.echo(f"{obj['kind']} {_display_name(obj)} {verb}")
+
+
+def _display_name(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    ns = meta.get("namespace")
+    return f"{ns}/{meta.get('name')}" if ns else str(meta.get("name"))
+
+
+def _hooks(obj: Mapping[str, Any]) -> str:
+    spec = obj.get("spec") or {}
+    return ",".join(f"{kind}:{len(spec[kind])}" for kind in
+                    ("tracepoints", "kprobes", "lsmhooks") if spec.get(kind))
+
+
+@tracingpolicy.command("list")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+def list_(output: str) -> None:
+    """Stored policies (both kinds)."""
+
+    async def fetch() -> list[dict[str, Any]]:
+        async with Client.from_context() as client:
+            items: list[dict[str, Any]] = []
+            for kind in KINDS:
+                items += (await client.get(SERVICE, f"/v1/resources/{kind}"))["items"]
+            return items
+
+    try:
+        items = run(fetch())
+    except ApiError as exc:
+        _api_failure(exc)
+        return
+    if output == "json":
+        echo_json(items)
+        return
+    rows = [[(i.get("metadata") or {}).get("name", ""),
+             (i.get("metadata") or {}).get("namespace", "") or "(cluster)",
+             i.get("kind", ""), _hooks(i)] for i in items]
+    click.echo(table(["NAME", "NAMESPACE", "KIND", "HOOKS"], rows))
+
+
+@tracingpolicy.command("delete")
+@click.argument("name")
+@click.option("-n", "--namespace", default="",
+              help="Delete the TracingPolicyNamespaced NAME in this namespace.")
+def delete(name: str, namespace: str) -> None:
+    """Delete a policy; every agent unloads it."""
+    kind, ns = ("TracingPolicyNamespaced", namespace) if namespace else ("TracingPolicy", "_")
+
+    async def send() -> Any:
+        async with Client.from_context() as client:
+            return await client.delete(SERVICE, f"/v1/resources/{kind}/{ns}/{name}")
+
+    try:
+        run(send())
+    except ApiError as exc:
+        _api_failure(exc)
+        return
+    click.echo(f"{kind} {namespace + '/' if namespace else ''}{name} deleted")
+
+
+def render(event: Mapping[str, Any], output: str) -> str:
+    """One event as `getevents` prints it: a JSON object per line, or Tetragon's compact line."""
+    from services.security.core.events import compact
+
+    if output == "json":
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    return compact(dict(event))
+
+
+@click.command("getevents")
+@click.option("-o", "--output", type=click.Choice(["json", "compact"]), default="json",
+              show_default=True)
+@click.option("--namespace", "namespaces", multiple=True, help="Only pods in this namespace.")
+@click.option("--pod", "pods", multiple=True, help="Only pods whose name matches (regex).")
+@click.option("--process", "processes", multiple=True,
+              help="Only binaries whose path matches (regex).")
+@click.option("--policy-names", "policy_names", multiple=True,
+              help="Only events of this policy.")
+@click.option("--timeout", type=float, default=None,
+              help="Stop after this many seconds (default: until interrupted).")
+def getevents(output: str, namespaces: tuple[str, ...], pods: tuple[str, ...],
+              processes: tuple[str, ...], policy_names: tuple[str, ...],
+              timeout: float | None) -> None:
+    """Process events of every node as they happen (Tetragon's `tetra getevents`)."""
+    from ciliate.bus.subjects import PROCESS_ALL
+    from services.security.core.filters import FilterError, from_flags
+
+    try:
+        filters = from_flags(namespaces, pods, processes, policy_names)
+    except FilterError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+    async def follow() -> None:
+        bus = await connect_bus(name="ciliate-getevents")
+        try:
+            async def on_batch(batch: Any) -> None:
+                if not isinstance(batch, dict):
+                    return
+                for event in batch.get("items", []):
+                    if filters.passes(event):
+                        click.echo(render(event, output))
+                if batch.get("lost"):
+                    click.echo(f"lost {batch['lost']} events on {batch.get('source', '?')}",
+                               err=True)
+
+            await bus.subscribe(PROCESS_ALL, on_batch)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.Event().wait(), timeout)
+        finally:
+            await bus.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run(follow())

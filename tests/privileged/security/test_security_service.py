@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -228,9 +229,13 @@ async def test_kill_tmp_exec_through_rest_reports_exec_and_sigkill_exit_on_the_b
 
 
 async def test_kprobe_policy_is_refused_at_the_edge_and_nothing_is_stored(
-    service: Service, bus: Bus
+    service: Service, bus: Bus, nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from click.testing import CliRunner
+
+    from ciliate.client import ClientContext
     from ciliate.doctor.probes import kernel_features
+    from services.security.cli import tracingpolicy
 
     if kernel_features().has("kprobe"):
         pytest.skip("this kernel has kprobes")
@@ -239,6 +244,15 @@ async def test_kprobe_policy_is_refused_at_the_edge_and_nothing_is_stored(
     assert status == 422, body
     assert body["errors"][0]["field"] == "spec.kprobes[0]"
     assert "kprobe" in body["errors"][0]["message"]
-    status, listing = await service.call("GET", "/v1/resources/TracingPolicy")
-    assert status == 200 and listing["items"] == []
+
+    ClientContext(state_dir=str(tmp_path), nats_url=nats_url, token=TOKEN,
+                  services={"security": [service.base]}).save()
+    monkeypatch.setenv("CILIATE_STATE_DIR", str(tmp_path))
+    runner = CliRunner()
+    added = await asyncio.to_thread(
+        runner.invoke, tracingpolicy, ["add", str(EXAMPLES / "tracingpolicy-fd-install.yaml")])
+    assert added.exit_code == 1
+    assert added.stderr.startswith("spec.kprobes[0]: kernel feature 'kprobe'")
+    listed = await asyncio.to_thread(runner.invoke, tracingpolicy, ["list", "-o", "json"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == []
     assert await (await bus.kv(Bucket.TRACINGPOLICIES)).items() == {}
