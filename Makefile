@@ -12,7 +12,7 @@ setup:
 	@bash scripts/bootstrap.sh
 
 up: setup
-	$(BIN)/ciliate up --nodes $(NODES) --state-dir $(STATE_DIR) --example
+	$(BIN)/ciliate up --nodes $(NODES) --state-dir $(STATE_DIR) --example examples/starwars.yaml
 
 lint:
 	$(BIN)/ruff check .

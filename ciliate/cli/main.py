@@ -9,9 +9,11 @@ from pathlib import Path
 import click
 
 from ciliate import __version__
+from ciliate.cli.output import run
 from ciliate.cli.plugins import add_plugin_commands, service_specs
-from ciliate.cli.resources import apply, delete, get
+from ciliate.cli.resources import apply, apply_resources, delete, get, read_files
 from ciliate.cli.status import status
+from ciliate.client import ApiError, ClientContext
 from ciliate.config import state_dir_from_env
 from ciliate.doctor.cli import doctor
 
@@ -43,8 +45,10 @@ def _replicas(values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--no-agents", is_flag=True, help="Do not start the per-node agents.")
 @click.option("--db-url", default=None, help="Use this database instead of SQLite.")
 @click.option("--ready-timeout", type=float, default=60.0, show_default=True)
+@click.option("--example", "examples", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Apply this YAML file once the stack is ready (repeatable).")
 def up(nodes: int, state_dir: Path | None, replicas: tuple[str, ...], no_agents: bool,
-       db_url: str | None, ready_timeout: float) -> None:
+       db_url: str | None, ready_timeout: float, examples: tuple[str, ...]) -> None:
     """Run the whole stack on this machine, in the foreground, until Ctrl-C."""
     from ciliate.bus.subjects import SERVICES
     from ciliate.stack.supervisor import Stack, StackConfig, run_foreground
@@ -56,7 +60,23 @@ def up(nodes: int, state_dir: Path | None, replicas: tuple[str, ...], no_agents:
                                  param_hint="--replicas")
     config = StackConfig(state_dir=(state_dir or state_dir_from_env()).absolute(), nodes=nodes,
                          replicas=counts, agents=not no_agents, db_url=db_url)
-    sys.exit(run_foreground(Stack(config), click.echo, ready_timeout))
+    scene = read_files(examples) if examples else []
+
+    def apply_examples(context: ClientContext) -> None:
+        try:
+            for item in run(apply_resources(scene, context=context)):
+                click.echo(f"  applied {item['ref']}")
+        except ApiError as exc:
+            click.echo(f"  example not applied: {exc}", err=True)
+        if scene:
+            click.echo("  the example scene is applied: try `ciliate endpoint list`, "
+                       "`ciliate pod exec default/tiefighter -- ...`, `ciliate observe`")
+
+    def say(line: str) -> None:
+        click.echo(line)
+        sys.stdout.flush()
+
+    sys.exit(run_foreground(Stack(config), say, ready_timeout, apply_examples))
 
 
 @cli.command("run", context_settings={"ignore_unknown_options": True,

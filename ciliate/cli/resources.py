@@ -13,7 +13,7 @@ import click
 
 from ciliate.api.resources import CLUSTER_SCOPE
 from ciliate.cli.output import echo_json, fail, run, table
-from ciliate.client import ApiError, Client, ContextMissing
+from ciliate.client import ApiError, Client, ClientContext, ContextMissing
 from ciliate.resources.base import Resource, ResourceError
 from ciliate.resources.loader import load_resources
 from ciliate.resources.registry import owner_of, resource_class
@@ -35,9 +35,11 @@ def _ref(res: Resource) -> str:
     return f"{res.kind.lower()}/{ns + '/' if ns else ''}{res.metadata.name}"
 
 
-async def _apply(resources: list[Resource], dry_run: bool) -> list[dict[str, Any]]:
+async def apply_resources(resources: list[Resource], dry_run: bool = False,
+                          context: ClientContext | None = None) -> list[dict[str, Any]]:
+    """Send each resource to its owning service; the first refusal stops the rest."""
     results = []
-    async with Client.from_context() as client:
+    async with Client(context or ClientContext.load()) as client:
         for res in resources:
             body = res.model_dump(mode="json", by_alias=True, exclude_none=True)
             params = {"dryRun": "true"} if dry_run else None
@@ -78,7 +80,7 @@ def apply(files: tuple[str, ...], dry_run: bool, output: str) -> None:
     """Create or update the resources in FILE (any supported kind)."""
     resources = read_files(files)
     try:
-        results = run(_apply(resources, dry_run))
+        results = run(apply_resources(resources, dry_run))
     except ContextMissing as exc:
         fail(str(exc))
         return

@@ -229,7 +229,12 @@ class Stack:
         }
 
 
-def run_foreground(stack: Stack, out: Callable[[str], None], ready_timeout: float = 60.0) -> int:
+def run_foreground(
+    stack: Stack,
+    out: Callable[[str], None],
+    ready_timeout: float = 60.0,
+    on_ready: Callable[[ClientContext], None] | None = None,
+) -> int:
     """Start, report, supervise until SIGINT/SIGTERM, then stop everything."""
     stopping = {"flag": False}
 
@@ -240,7 +245,7 @@ def run_foreground(stack: Stack, out: Callable[[str], None], ready_timeout: floa
     old_term = signal.signal(signal.SIGTERM, handle)
     try:
         started = time.monotonic()
-        stack.start()
+        context = stack.start()
         ok = stack.wait_ready(ready_timeout)
         info = stack.summary()
         out(f"ciliate: {'ready' if ok else 'NOT ready'} in {time.monotonic() - started:.1f}s")
@@ -253,6 +258,8 @@ def run_foreground(stack: Stack, out: Callable[[str], None], ready_timeout: floa
         for name, why in info["skipped"].items():
             out(f"  {name:<22} skipped: {why}")
         out(f"  context    {info['context']} (export CILIATE_STATE_DIR={info['state_dir']})")
+        if ok and on_ready is not None:
+            on_ready(context)
         out("Try: ciliate status; ciliate apply -f FILE. Ctrl-C stops everything.")
         while not stopping["flag"]:
             stack.supervise_once()
