@@ -1,4 +1,5 @@
-"""Test harness: the events service in-process (run_service) on a real nats-server."""
+"""The events service in-process (``run_service``) for tests and benchmarks, with helpers that
+inject records the way the datapath and security agents publish them."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class EventsService:
 
     async def status(self) -> dict[str, Any]:
         async with self.session.get(self.base + "/v1/observer/status", headers=self.auth) as r:
-            assert r.status == 200
+            if r.status != 200:
+                raise RuntimeError(f"observer status: HTTP {r.status}")
             body: dict[str, Any] = await r.json()
             return body
 
@@ -64,7 +66,18 @@ class EventsService:
             st = await self.status()
             if st[stream]["received"] >= count:
                 return
-            assert time.monotonic() < deadline, f"only {st[stream]['received']} of {count} seen"
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {st[stream]['received']} of {count} seen")
+            await asyncio.sleep(0.01)
+
+    async def wait_followers(self, count: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            followers = (await self.status())["flows"]["followers"]
+            if followers >= count:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{followers} of {count} followers connected")
             await asyncio.sleep(0.01)
 
     async def get(self, path: str, params: Any = None) -> tuple[int, Any]:
@@ -96,8 +109,10 @@ async def start_service(nats_url: str, bus: Bus, tmp_path: Path,
                     break
         except aiohttp.ClientConnectionError:
             pass
-        assert not task.done(), "events service exited during start-up"
-        assert time.monotonic() < deadline, "events service never became ready"
+        if task.done():
+            raise RuntimeError("events service exited during start-up")
+        if time.monotonic() > deadline:
+            raise TimeoutError("events service never became ready")
         await asyncio.sleep(0.02)
     state = tmp_path / "client-state"
     ClientContext(state_dir=str(state), nats_url=nats_url, token=TOKEN,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from events_harness import EventsService, Starter, start_service, stop_all
 
 from ciliate.bus import Bus
+from services.events.testing import EventsService, Starter, start_service, stop_all
 
 
 @pytest.fixture

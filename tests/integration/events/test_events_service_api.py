@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from events_harness import EventsService, Starter
 
 from ciliate.flows import (
     Endpoint,
@@ -25,6 +24,7 @@ from ciliate.flows import (
     trace_flow_defaults,
 )
 from services.events.core.cliflags import filters_from_flags
+from services.events.testing import EventsService, Starter
 
 T0 = 1_700_000_000_000_000_000
 IDS = {"a": 1001, "b": 1002, "c": 1003}
