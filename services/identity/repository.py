@@ -11,6 +11,7 @@ Replicas stay consistent through constraints, not locks held in Python:
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
@@ -161,6 +162,31 @@ def _is_postgres(session: AsyncSession) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+_PG_TAKE = sa.text(
+    """
+    UPDATE identities SET refcount = refcount + :count, released_at = NULL
+    WHERE id IN (
+        SELECT id FROM identities WHERE label_key = ANY(CAST(:keys AS text[]))
+        ORDER BY label_key FOR UPDATE
+    )
+    RETURNING id, label_key
+    """
+)
+"""PostgreSQL form of taking references: rows locked in key order (no deadlock between
+replicas taking overlapping sets), the keys passed as one array."""
+_PG_INSERT = sa.text(
+    """
+    INSERT INTO identities (id, label_key, labels, refcount, released_at, created_at)
+    SELECT t.id, t.key, CAST(t.labels AS json), t.refs, NULL, :now
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:keys AS text[]), CAST(:labels AS text[]),
+                CAST(:refs AS integer[])) AS t(id, key, labels, refs)
+    ON CONFLICT DO NOTHING
+    RETURNING id, label_key
+    """
+)
+"""PostgreSQL form of inserting new identities: four array parameters for any batch size."""
+
+
 @dataclass
 class IdentityAllocator:
     """Per-process allocator state (the id pools, a cache of taken ids) plus the SQL steps."""
@@ -232,7 +258,18 @@ class IdentityAllocator:
         for key, count in wanted.items():
             by_count.setdefault(count, []).append(key)
         missing = set(wanted)
+        postgres = _is_postgres(session)
         for count, keys in by_count.items():
+            if postgres:
+                # One array parameter instead of a bind per key: compiling thousands of binds
+                # cost more than the statement itself.
+                rows = await session.execute(
+                    _PG_TAKE, {"keys": sorted(keys), "count": count}
+                )
+                for ident, key in rows:
+                    result[key] = int(ident)
+                    missing.discard(key)
+                continue
             for chunk in _chunks(sorted(keys)):
                 # Lock the rows in key order first, so two replicas taking references to
                 # overlapping label sets queue behind each other instead of deadlocking.
@@ -280,14 +317,24 @@ class IdentityAllocator:
                 for key, ident in zip(scoped, ids, strict=True)
             ]
         inserted: set[str] = set()
-        for chunk in _chunks(rows):
-            stmt = (
-                _insert(session, identities)
-                .values(list(chunk))
-                .on_conflict_do_nothing()
-                .returning(identities.c.id, identities.c.label_key)
-            )
-            got = list(await session.execute(stmt))
+        postgres = _is_postgres(session)
+        for chunk in ([rows] if postgres else _chunks(rows)):
+            if postgres:
+                got = list(await session.execute(_PG_INSERT, {
+                    "ids": [r["id"] for r in chunk],
+                    "keys": [r["label_key"] for r in chunk],
+                    "labels": [json.dumps(r["labels"]) for r in chunk],
+                    "refs": [r["refcount"] for r in chunk],
+                    "now": now,
+                }))
+            else:
+                stmt = (
+                    _insert(session, identities)
+                    .values(list(chunk))
+                    .on_conflict_do_nothing()
+                    .returning(identities.c.id, identities.c.label_key)
+                )
+                got = list(await session.execute(stmt))
             for ident, key in got:
                 result[key] = int(ident)
                 inserted.add(key)

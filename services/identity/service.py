@@ -35,6 +35,7 @@ from ciliate.store import ResourceRepository, StoredResource
 from ciliate.store.database import UnitOfWork
 from services.identity.core.allocator import (
     DEFAULT_GRACE_SECONDS,
+    LabelSetParser,
     Scope,
     reserved_id_for,
     scope_of,
@@ -104,6 +105,7 @@ class IdentityService:
         self.allocator = IdentityAllocator(grace=grace)
         self.default_node = ctx.settings.node
         self.kvs: dict[Bucket, KV] = {}
+        self.parser = LabelSetParser()
         self.cache: dict[str, int] = {}
         """Canonical label key -> id, for lookups; entries leave when an identity is deleted."""
 
@@ -285,18 +287,17 @@ class IdentityService:
 
     # --- NATS request/reply ----------------------------------------------------------------
 
-    @staticmethod
-    def parse_label_sets(payload: Any) -> list[LabelSet]:
+    def parse_label_sets(self, payload: Any) -> list[LabelSet]:
         if not isinstance(payload, dict) or not isinstance(payload.get("labels"), list):
             raise BadRequest("labels", "expected {'labels': [[label, ...], ...]}")
         sets = payload["labels"]
         if len(sets) > MAX_BATCH:
             raise BadRequest("labels", f"at most {MAX_BATCH} label sets per request")
-        result = []
+        result: list[LabelSet] = []
         for index, labels in enumerate(sets):
             if not isinstance(labels, list) or not all(isinstance(s, str) for s in labels):
                 raise BadRequest(f"labels[{index}]", "expected a list of label strings")
-            result.append(LabelSet.from_strings(labels))
+            result.append(self.parser.parse(labels))
         return result
 
     @staticmethod

@@ -156,3 +156,32 @@ def gc_due(state: RefState, now: float, grace: float = DEFAULT_GRACE_SECONDS) ->
 def gc_cutoff(now: float, grace: float = DEFAULT_GRACE_SECONDS) -> float:
     """Identities released at or before this time are due (the SQL form of :func:`gc_due`)."""
     return now - grace
+
+
+class ParsedLabelSet(LabelSet):
+    """A label set that computes its canonical key once (requests repeat the same sets)."""
+
+    _canonical: str | None = None
+
+    def canonical(self) -> str:
+        if self._canonical is None:
+            self._canonical = super().canonical()
+        return self._canonical
+
+
+@dataclass
+class LabelSetParser:
+    """Label strings as sent -> parsed set, remembered (bounded) so repeat requests skip the
+    parsing and sorting that dominate a cached lookup."""
+
+    limit: int = 200_000
+    cache: dict[tuple[str, ...], ParsedLabelSet] = field(default_factory=dict)
+
+    def parse(self, labels: Iterable[str]) -> ParsedLabelSet:
+        raw = tuple(labels)
+        parsed = self.cache.get(raw)
+        if parsed is None:
+            if len(self.cache) >= self.limit:
+                self.cache.clear()
+            parsed = self.cache[raw] = ParsedLabelSet(LabelSet.from_strings(raw))
+        return parsed
