@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ciliate.doctor import fix
@@ -56,6 +56,7 @@ def test_missing_headers_say_what_to_install(tmp_path: Path) -> None:
         fix.ensure_header_links(RELEASE, tmp_path / "src", tmp_path / "modules")
 
 
+@settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 300)), min_size=1, max_size=6,
                 unique=True))
 def test_newest_headers_compare_versions_numerically(versions: list[tuple[int, int]]) -> None:
