@@ -20,10 +20,11 @@ from ciliate.labels import (
     LabelSet,
     ReservedIdentity,
 )
-from ciliate.resources.selectors import CompiledSelector
+from ciliate.resources.selectors import CompiledSelector, Operator, Requirement
 from services.policy.core.spec import (
     L4_PROTOCOLS,
     Direction,
+    Enforcement,
     Peer,
     PeerKind,
     PolicySet,
@@ -69,6 +70,15 @@ class EntryKey:
     proto: int
     port: int
     prefixlen: int
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Keys are hashed millions of times per full compile: compute the hash once.
+        fields = (self.peer, self.direction.value, self.proto, self.port, self.prefixlen)
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def covers(self, other: EntryKey) -> bool:
         """Does this (proto, port/prefix) block include ``other``'s (same peer and direction)?"""
@@ -101,6 +111,12 @@ class EntryValue:
             return
         self.proxy_port = max(self.proxy_port, other.proxy_port)
         self.cookies |= other.cookies
+
+    def merged(self, other: EntryValue) -> EntryValue:
+        """A new value: this one merged with ``other`` (values shared between maps stay put)."""
+        out = EntryValue(self.deny, self.proxy_port, set(self.cookies))
+        out.merge(other)
+        return out
 
 
 Entries = dict[EntryKey, EntryValue]
@@ -169,38 +185,85 @@ class IdentityWorld:
         return merged
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 class SelectorCache:
     """Selector -> identities it selects, kept current as identities come and go.
 
-    Every distinct selector is evaluated once per identity; ``add`` reports which selectors
-    gained the new identity so callers recompile only what those selectors feed.
+    Selections are computed from inverted label indexes (set intersections, not one match per
+    identity) with exactly :meth:`CompiledSelector.matches_labels`' semantics; ``add`` reports
+    which selectors gained the new identity so callers recompile only what those selectors feed.
+    CIDR identities are never selected by endpoint selectors; their prefixes are kept parsed.
     """
 
     def __init__(self, identities: Mapping[int, LabelSet]) -> None:
-        self.identities: dict[int, LabelSet] = dict(identities)
+        self.identities: dict[int, LabelSet] = {}
+        self.cidrs: dict[int, Network] = {}
         self._selections: dict[CompiledSelector, set[int]] = {}
+        self._all: set[int] = set()
+        self._by_key: dict[tuple[str | None, str], set[int]] = {}
+        self._by_value: dict[tuple[str | None, str, str], set[int]] = {}
+        for ident, labels in identities.items():
+            self._index(ident, labels)
+
+    def _index(self, ident: int, labels: LabelSet) -> None:
+        self.identities[ident] = labels
+        prefix = cidr_of(labels)
+        if prefix is not None:
+            self.cidrs[ident] = ipaddress.ip_network(prefix)
+        if is_cidr_identity(ident):
+            return
+        self._all.add(ident)
+        for label in labels:
+            for source in (None, label.source):
+                self._by_key.setdefault((source, label.key), set()).add(ident)
+                self._by_value.setdefault((source, label.key, label.value), set()).add(ident)
+
+    def _unindex(self, ident: int) -> None:
+        labels = self.identities.pop(ident, None)
+        self.cidrs.pop(ident, None)
+        self._all.discard(ident)
+        for label in labels or ():
+            for source in (None, label.source):
+                self._by_key.get((source, label.key), set()).discard(ident)
+                self._by_value.get((source, label.key, label.value), set()).discard(ident)
+
+    def _requirement(self, req: Requirement) -> set[int]:
+        if req.operator is Operator.EXISTS:
+            return self._by_key.get((req.source, req.key), set())
+        if req.operator is Operator.DOES_NOT_EXIST:
+            return self._all - self._by_key.get((req.source, req.key), set())
+        hits: set[int] = set()
+        for value in req.values:
+            hits |= self._by_value.get((req.source, req.key, value), set())
+        return hits if req.operator is Operator.IN else self._all - hits
 
     def select(self, selector: CompiledSelector) -> set[int]:
         found = self._selections.get(selector)
         if found is None:
-            found = {
-                ident for ident, labels in self.identities.items()
-                if not is_cidr_identity(ident) and selector.matches_labels(labels)
-            }  # fmt: skip
+            found = set(self._all)
+            for req in selector.requirements:
+                found &= self._requirement(req)
+                if not found:
+                    break
             self._selections[selector] = found
         return found
 
     def add(self, ident: int, labels: LabelSet) -> list[CompiledSelector]:
-        self.identities[ident] = labels
+        if ident in self.identities:
+            self.remove(ident)
+        self._index(ident, labels)
         changed = []
-        for selector, idents in self._selections.items():
-            if not is_cidr_identity(ident) and selector.matches_labels(labels):
-                idents.add(ident)
-                changed.append(selector)
+        if not is_cidr_identity(ident):
+            for selector, idents in self._selections.items():
+                if selector.matches_labels(labels):
+                    idents.add(ident)
+                    changed.append(selector)
         return changed
 
     def remove(self, ident: int) -> list[CompiledSelector]:
-        self.identities.pop(ident, None)
+        self._unindex(ident)
         changed = []
         for selector, idents in self._selections.items():
             if ident in idents:
@@ -242,9 +305,8 @@ def peer_identities(peer: Peer, cache: SelectorCache) -> set[int]:
         if peer.entity.startswith("world"):
             version = {"world-ipv4": 4, "world-ipv6": 6}.get(peer.entity)
             out |= {
-                i for i, labels in cache.identities.items()
-                if (c := cidr_of(labels)) is not None
-                and (version is None or ipaddress.ip_network(c).version == version)
+                i for i, net in cache.cidrs.items()
+                if version is None or net.version == version
             }  # fmt: skip
         return out
     net = ipaddress.ip_network(peer.cidr)
@@ -252,11 +314,7 @@ def peer_identities(peer: Peer, cache: SelectorCache) -> set[int]:
     out = set()
     if net.prefixlen == 0:
         out |= {int(R.WORLD), int(R.WORLD_IPV4 if net.version == 4 else R.WORLD_IPV6)}
-    for ident, labels in cache.identities.items():
-        prefix = cidr_of(labels)
-        if prefix is None:
-            continue
-        inner = ipaddress.ip_network(prefix)
+    for ident, inner in cache.cidrs.items():
         if inner.version != net.version or not inner.subnet_of(net):  # type: ignore[arg-type]
             continue
         if any(inner.subnet_of(e) for e in excepts if e.version == inner.version):  # type: ignore[arg-type]
@@ -331,76 +389,161 @@ class PolicyEngine:
             self.ipcache[prefix] = ident
         self.cache = SelectorCache(identities)
         self.compiled: dict[int, IdentityPolicy] = {}
+        # Per-rule caches (a rule's peers and its entries are the same for every local it
+        # selects, unless it names ports or another rule of the local has requirements).
+        self._peer_sets: dict[Rule, frozenset[int]] = {}
+        self._contrib: dict[Rule, Entries] = {}
+        self._rule_index: dict[int, list[Rule]] | None = None
+        self._enf_index: dict[int, list[Enforcement]] | None = None
+        self._every_port: dict[tuple[str, int], frozenset[int]] | None = None
+
+    def _invalidate(self, rules: Iterable[Rule] = (), *, selections: bool = True) -> None:
+        for rule in rules:
+            self._peer_sets.pop(rule, None)
+            self._contrib.pop(rule, None)
+        if selections:
+            self._rule_index = None
+            self._enf_index = None
 
     # -- selection -------------------------------------------------------------------------
 
+    def _indexes(self) -> tuple[dict[int, list[Rule]], dict[int, list[Enforcement]]]:
+        if self._rule_index is None or self._enf_index is None:
+            rules: dict[int, list[Rule]] = {}
+            for rule in self.policies.rules:
+                for local in self.cache.select(rule.subject):
+                    rules.setdefault(local, []).append(rule)
+            enfs: dict[int, list[Enforcement]] = {}
+            for enf in self.policies.enforcements:
+                for local in self.cache.select(enf.subject):
+                    enfs.setdefault(local, []).append(enf)
+            self._rule_index, self._enf_index = rules, enfs
+        return self._rule_index, self._enf_index
+
     def rules_for(self, local: int) -> list[Rule]:
-        return [r for r in self.policies.rules if local in self.cache.select(r.subject)]
+        return list(self._indexes()[0].get(local, ()))
 
     def enforcement_for(self, local: int) -> dict[Direction, bool | None]:
         """None: no policy selects this direction; False: selected but default-deny disabled."""
         state: dict[Direction, bool | None] = {Direction.INGRESS: None, Direction.EGRESS: None}
-        for enf in self.policies.enforcements:
-            if local in self.cache.select(enf.subject):
-                state[enf.direction] = bool(state[enf.direction]) or enf.default_deny
+        for enf in self._indexes()[1].get(local, ()):
+            state[enf.direction] = bool(state[enf.direction]) or enf.default_deny
         return state
+
+    def _rule_peers(self, rule: Rule) -> frozenset[int]:
+        found = self._peer_sets.get(rule)
+        if found is None:
+            peers: set[int] = set()
+            for peer in rule.peers:
+                peers |= peer_identities(peer, self.cache)
+            found = self._peer_sets[rule] = frozenset(peers)
+        return found
 
     # -- compile ---------------------------------------------------------------------------
 
-    def compile_identity(self, local: int) -> IdentityPolicy:
+    def _rule_entries(self, rule: Rule, local: int, peers: Iterable[int]) -> Entries:
+        """The entries one rule gives ``local`` for ``peers`` (one shared value object: values
+        are never mutated once made, merges build new ones)."""
+        proxy = HTTP_PROXY_PORT if rule.http and not rule.deny else 0
+        value = EntryValue(rule.deny, proxy, {rule.cookie})
+        named = any(isinstance(spec.port, str) for spec in rule.ports)
+        static = None
+        if not named:
+            static = [k for spec in rule.ports for k in port_keys(spec, {})] or [(0, 0, 0)]
+        out: Entries = {}
+        for peer_id in peers:
+            keys = static
+            if keys is None:
+                if rule.direction is Direction.INGRESS:
+                    names = self.named_ports.get(local, {})
+                elif peer_id == ANY_PEER or peer_id not in self.named_ports:
+                    names = self._all_ports()
+                else:
+                    names = self.named_ports[peer_id]
+                keys = [k for spec in rule.ports for k in port_keys(spec, names)]
+            for proto, port, plen in keys:
+                out[EntryKey(peer_id, rule.direction, proto, port, plen)] = value
+        return out
+
+    def _contribution(
+        self, rule: Rule, local: int, requires: list[CompiledSelector], only_peer: int | None
+    ) -> Entries:
+        peers: Iterable[int] = self._rule_peers(rule)
+        filtered = bool(requires) and not rule.deny
+        if only_peer is not None:
+            peers = [only_peer] if only_peer in peers else []
+        if filtered:
+            for sel in requires:
+                matched = self.cache.select(sel)
+                peers = [p for p in peers if p == ANY_PEER or p in matched]
+        if only_peer is not None or filtered or any(isinstance(s.port, str) for s in rule.ports):
+            return self._rule_entries(rule, local, peers)
+        cached = self._contrib.get(rule)
+        if cached is None:
+            cached = self._contrib[rule] = self._rule_entries(rule, local, peers)
+        return cached
+
+    def compile_identity(self, local: int, only_peer: int | None = None) -> IdentityPolicy:
+        """The map of ``local``; with ``only_peer``, just the entries whose peer is that one
+        (entries of different peers never interact, so a new peer is merged in as a part)."""
         entries: Entries = {}
         l7: dict[EntryKey, list[tuple[str, tuple[object, ...]]]] = {}
         rules = self.rules_for(local)
         requires: dict[Direction, list[CompiledSelector]] = {d: [] for d in Direction}
         for rule in rules:
             requires[rule.direction] += rule.requires
-        every_port = self._all_ports()
+        allows: list[tuple[Rule, Entries]] = []
+        deny_peers: set[int] = set()
+        deny_keys: list[EntryKey] = []
         for rule in rules:
-            peers: set[int] = set()
-            for peer in rule.peers:
-                peers |= peer_identities(peer, self.cache)
-            for sel in requires[rule.direction]:
-                if not rule.deny:
-                    matched = self.cache.select(sel)
-                    peers = {p for p in peers if p == ANY_PEER or p in matched}
-            proxy = HTTP_PROXY_PORT if rule.http and not rule.deny else 0
-            for peer_id in peers:
-                if rule.direction is Direction.INGRESS:
-                    names = self.named_ports.get(local, {})
-                elif peer_id == ANY_PEER or peer_id not in self.named_ports:
-                    names = every_port
-                else:
-                    names = self.named_ports[peer_id]
-                keys = (
-                    [k for spec in rule.ports for k in port_keys(spec, names)]
-                    if rule.ports
-                    else [(0, 0, 0)]
-                )
-                for proto, port, plen in keys:
-                    key = EntryKey(peer_id, rule.direction, proto, port, plen)
-                    value = EntryValue(rule.deny, proxy, {rule.cookie})
-                    if key in entries:
-                        entries[key].merge(value)
-                    else:
-                        entries[key] = value
-                    if proxy:
-                        l7.setdefault(key, []).append((rule.cookie, rule.http))
+            contrib = self._contribution(rule, local, requires[rule.direction], only_peer)
+            if not contrib:
+                continue
+            if rule.deny:
+                deny_keys.extend(contrib)
+                deny_peers.update(k.peer for k in contrib)
+            else:
+                allows.append((rule, contrib))
+            if entries:
+                common = entries.keys() & contrib.keys()
+                saved = {k: entries[k] for k in common}
+                entries.update(contrib)
+                for k, old in saved.items():
+                    entries[k] = old.merged(contrib[k])
+            else:
+                entries.update(contrib)
+            if rule.http and not rule.deny:
+                for key in contrib:
+                    l7.setdefault(key, []).append((rule.cookie, rule.http))
         state = self.enforcement_for(local)
         enforce = {d: state[d] is not None for d in Direction}
-        for direction in Direction:
-            if state[direction] is False:  # selected, default-deny disabled: allow the rest
-                key = EntryKey(ANY_PEER, direction, 0, 0, 0)
-                entries.setdefault(key, EntryValue(False, 0, {"default-allow"}))
-        if enforce[Direction.INGRESS] and self.allow_host_ingress:
+        if only_peer is None:
+            for direction in Direction:
+                if state[direction] is False:  # selected, default-deny disabled: allow the rest
+                    key = EntryKey(ANY_PEER, direction, 0, 0, 0)
+                    entries.setdefault(key, EntryValue(False, 0, {"default-allow"}))
+        if enforce[Direction.INGRESS] and self.allow_host_ingress and only_peer in (
+            None, int(R.HOST)
+        ):
             key = EntryKey(int(R.HOST), Direction.INGRESS, 0, 0, 0)
             entries.setdefault(key, EntryValue(False, 0, {"allow-localhost"}))
-        _propagate_denies(entries)
+        if deny_peers:
+            candidates: list[EntryKey] = [
+                k for p in (ANY_PEER, int(R.HOST)) for d in Direction
+                if (k := EntryKey(p, d, 0, 0, 0)) in entries
+            ]  # fmt: skip
+            for rule, contrib in allows:
+                if only_peer is not None or not deny_peers.isdisjoint(self._rule_peers(rule)):
+                    candidates.extend(contrib)
+            _propagate_denies(entries, candidates, deny_keys)
         for key in [k for k in l7 if entries.get(k) is None or entries[k].deny]:
             del l7[key]
         return IdentityPolicy(local, enforce, entries, l7)
 
     def _all_ports(self) -> dict[tuple[str, int], frozenset[int]]:
-        return IdentityWorld({}, self.named_ports).all_named_ports()
+        if self._every_port is None:
+            self._every_port = IdentityWorld({}, self.named_ports).all_named_ports()
+        return self._every_port
 
     def local_identities(self) -> list[int]:
         return sorted(
@@ -428,12 +571,18 @@ class PolicyEngine:
         labels: LabelSet,
         named_ports: Mapping[tuple[str, int], frozenset[int]] | None = None,
     ) -> dict[int, EntryDelta]:
-        """A new identity: recompile only the locals whose rules' selectors now select it."""
+        """A new identity: only the entries whose peer it is are computed for the locals whose
+        rules now select it (plus its own map when it is a local)."""
+        deltas: dict[int, EntryDelta] = {}
+        if ident in self.cache.identities:
+            deltas = self.remove_identity(ident)
         if named_ports:
             self.named_ports[ident] = named_ports
+            self._every_port = None
         changed = set(self.cache.add(ident, labels))
         cidr = is_cidr_identity(ident)
         affected: set[int] = set()
+        hit: list[Rule] = []
         for rule in self.policies.rules:
             peer_hit = any(
                 p.selector in changed
@@ -442,18 +591,33 @@ class PolicyEngine:
                 for p in rule.peers
             ) or any(s in changed for s in rule.requires)
             if peer_hit:
+                hit.append(rule)
                 affected |= self.cache.select(rule.subject)
+        self._invalidate(hit)
+        required = any(rule.requires for rule in hit)
+        for local in sorted(affected - {ident}):
+            current = self.compiled.get(local)
+            if current is None or required:
+                deltas.update(self._recompile([local]))
+                continue
+            part = self.compile_identity(local, only_peer=ident)
+            if part.entries:
+                current.entries.update(part.entries)
+                current.l7.update(part.l7)
+                deltas[local] = EntryDelta(added=dict(part.entries), removed=set())
         if CLUSTER_IDENTITY_MIN <= ident < CIDR_IDENTITY_BASE:
-            affected.add(ident)
-        return self._recompile(affected)
+            deltas.update(self._recompile([ident]))
+        return deltas
 
     def remove_identity(self, ident: int) -> dict[int, EntryDelta]:
-        affected = {
-            local for local, pol in self.compiled.items()
-            if any(k.peer == ident for k in pol.entries)
-        }  # fmt: skip
+        hit = [rule for rule in self.policies.rules if ident in self._rule_peers(rule)]
+        affected: set[int] = set()
+        for rule in hit:
+            affected |= self.cache.select(rule.subject)
         self.cache.remove(ident)
-        self.named_ports.pop(ident, None)
+        if self.named_ports.pop(ident, None) is not None:
+            self._every_port = None
+        self._invalidate(hit)
         deltas = self._recompile(affected - {ident})
         old = self.compiled.pop(ident, None)
         if old is not None:
@@ -470,6 +634,7 @@ class PolicyEngine:
             self.named_ports[ident] = ports
         else:
             self.named_ports.pop(ident, None)
+        self._every_port = None
         affected = {ident} if ident in self.compiled else set()
         for rule in self.policies.rules:
             if any(isinstance(spec.port, str) for spec in rule.ports):
@@ -510,6 +675,11 @@ class PolicyEngine:
             for rule in new_rules | old_rules:
                 if any(p.kind in (PeerKind.ENTITY, PeerKind.CIDR) for p in rule.peers):
                     affected |= self.cache.select(rule.subject)
+        stale = [r for r in self._peer_sets.keys() | self._contrib.keys() if r not in new_rules]
+        if added_cidr:
+            stale += [r for r in new_rules
+                      if any(p.kind in (PeerKind.ENTITY, PeerKind.CIDR) for p in r.peers)]
+        self._invalidate(stale)
         self.policies = policies
         self.ipcache = ipcache
         return self._recompile(affected & set(self.local_identities()))
@@ -541,15 +711,29 @@ def diff_entries(old: Entries, new: Entries) -> EntryDelta:
     return EntryDelta(added, removed)
 
 
-def _propagate_denies(entries: Entries) -> None:
-    """An allow covered by a deny of the same peer becomes that deny (see module docstring)."""
-    denies = [k for k, v in entries.items() if v.deny]
+def _propagate_denies(
+    entries: Entries,
+    candidates: Iterable[EntryKey] | None = None,
+    deny_keys: Iterable[EntryKey] | None = None,
+) -> None:
+    """An allow covered by a deny of the same peer becomes that deny (see module docstring).
+
+    ``candidates`` limits the allows examined and ``deny_keys`` names the denies (the caller
+    knows both from the rules); None examines every entry."""
+    denies: dict[tuple[int, Direction], list[EntryKey]] = {}
+    for k in entries if deny_keys is None else deny_keys:
+        if entries[k].deny:
+            denies.setdefault((k.peer, k.direction), []).append(k)
     if not denies:
         return
-    for key, value in entries.items():
-        if value.deny:
+    peers = {peer for peer, _ in denies}
+    for key in entries if candidates is None else candidates:
+        if key.peer not in peers:
             continue
-        for deny in denies:
+        value = entries.get(key)
+        if value is None or value.deny:
+            continue
+        for deny in denies.get((key.peer, key.direction), ()):
             if deny.covers(key):
                 entries[key] = EntryValue(True, 0, set(entries[deny].cookies))
                 break

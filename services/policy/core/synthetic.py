@@ -1,4 +1,4 @@
-"""A seeded synthetic cluster for the policy benchmark: identities, named ports and policies.
+"""A seeded synthetic cluster for the policy benchmark and scale tests (pure, no I/O).
 
 1,000 identities (100 namespaces x 10 apps). Each identity carries a ``tier`` label (50 values,
 so a tier selects ~2% of identities) and a ``group`` label (20 values, ~5%). Policies are
