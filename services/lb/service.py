@@ -22,7 +22,8 @@ from sqlalchemy.exc import IntegrityError
 
 from ciliate.api import Problem, field_problem, read_object, route
 from ciliate.api.resources import ResourceHandlers, owned_kinds
-from ciliate.bus import KV, Bucket, KVMirror
+from ciliate.bus import KV, Bucket, KVMirror, codec
+from ciliate.bus.subjects import kv_subject
 from ciliate.resources.base import Resource
 from ciliate.resources.core import EndpointSlice, LbAlgorithm, Service, ServiceType
 from ciliate.resources.registry import parse_resource
@@ -46,6 +47,10 @@ _pending: contextvars.ContextVar[list[Change] | None] = contextvars.ContextVar(
     "lb_pending", default=None)
 
 ID_ATTEMPTS = 20
+SHARED_FIELDS = ("backends", "tables", "local_tables")
+"""Fields of a Service value that Services with the same backends share (in this order, last)."""
+PIPELINE_MIN = 32
+"""From this many Service puts on, pipeline them (see ``put_pipelined``)."""
 MAGLEV_PREVIEW = 20
 """Slots ``lb maglev get`` shows."""
 
@@ -110,6 +115,7 @@ class LbService:
         self.round_done = asyncio.Condition()
         self.mirror = KVMirror(endpoints, self.on_endpoint)
         self.kv_keys: set[str] = set()
+        self._packed: tuple[Any, bytes] | None = None
 
     # --- inputs --------------------------------------------------------------------------
 
@@ -265,11 +271,43 @@ class LbService:
         finds a Service whose table is missing."""
         tables = {k: v for k, v in changes.puts.items() if k.startswith(TABLE_PREFIX)}
         await asyncio.gather(*(self.kv.put(k, v) for k, v in tables.items()))
-        await asyncio.gather(*(self.kv.put(k, v) for k, v in changes.puts.items()
-                               if k not in tables))
+        services = [(k, v) for k, v in changes.puts.items() if k not in tables]
+        try:
+            await self.put_pipelined(services)
+        except Exception:
+            for key, _value in services:
+                _, namespace, name = key.split(".", 2)
+                self.state.published.pop((namespace, name), None)
+                self.state.dirty.add((namespace, name))
+            raise
         await asyncio.gather(*(self.kv.delete(k) for k in sorted(changes.deletes)))
         self.kv_keys |= set(changes.puts)
         self.kv_keys -= changes.deletes
+
+    async def put_pipelined(self, items: list[tuple[str, Any]]) -> None:
+        """Many puts without a round trip each: plain publishes on the bucket's subjects, then
+        one acknowledged put. JetStream stores one connection's messages in order, so the
+        last acknowledgement vouches for the ones before it."""
+        if len(items) < PIPELINE_MIN:
+            await asyncio.gather(*(self.kv.put(k, v) for k, v in items))
+            return
+        *head, (last_key, last_value) = items
+        for key, value in head:
+            await self.kv.bus.publish_raw(kv_subject(Bucket.LB, key), self.pack(value))
+        await self.kv.put(last_key, last_value)
+
+    def pack(self, value: dict[str, Any]) -> bytes:
+        """msgpack of a Service value, its shared backend part packed once per round: the
+        same bytes ``codec.pack`` gives (a map is its header and its packed pairs)."""
+        if len(value) >= 16 or not all(k in value for k in SHARED_FIELDS):
+            return codec.pack(value)  # beyond a msgpack fixmap: pack it whole
+        shared = value["backends"]
+        if self._packed is None or self._packed[0] is not shared:
+            tail = b"".join(codec.pack(k) + codec.pack(value[k]) for k in SHARED_FIELDS)
+            self._packed = (shared, tail)
+        head = b"".join(codec.pack(k) + codec.pack(v) for k, v in value.items()
+                        if k not in SHARED_FIELDS)
+        return bytes([0x80 | len(value)]) + head + self._packed[1]
 
     async def step(self) -> Changes:
         """Render and publish everything that changed since the last step."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 
@@ -76,7 +77,7 @@ class Frontend:
     def l3n4(self) -> L3n4:
         return L3n4(self.address, self.port, self.protocol)
 
-    @property
+    @cached_property
     def id_key(self) -> str:
         """Frontend ids are per address, port, protocol and scope, as Cilium's service ids."""
         return f"{self.l3n4.key}/{self.scope.value}"
@@ -103,7 +104,7 @@ class Backend:
     port_name: str
     weight: int = DEFAULT_WEIGHT
 
-    @property
+    @cached_property
     def l3n4(self) -> L3n4:
         return L3n4(self.address, self.port, self.protocol)
 

@@ -129,8 +129,6 @@ class LbState:
         """Namespace -> KV key -> endpoint record."""
         self.namespace_generation: dict[str, int] = {}
         self.overrides: dict[L3n4, BackendState] = {}
-        self.users: dict[L3n4, set[Ref]] = {}
-        """Backend -> Services that list it (who an operator state change touches)."""
         self.dirty: set[Ref] = set()
         self.tables: dict[str, TableEntry] = {}
         self.table_users: dict[str, set[Ref]] = {}
@@ -140,6 +138,10 @@ class LbState:
         self.builds = 0
         """Maglev tables built so far (tests and metrics)."""
         self._group_cache: dict[tuple[Any, ...], tuple[Backend, ...]] = {}
+        self._frontends: dict[Ref, tuple[Service, tuple[Frontend, ...], tuple[Any, ...]]] = {}
+        self._frontend_values: dict[Ref, tuple[tuple[Frontend, ...], list[dict[str, Any]]]] = {}
+        self._halves: dict[Ref, dict[str, Any]] = {}
+        self._published_service: dict[Ref, Service] = {}
         self._render_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._key_cache: dict[tuple[tuple[str, int, int], ...], str] = {}
 
@@ -223,7 +225,8 @@ class LbState:
             self.overrides[backend] = state
         if changed:
             self._render_cache.clear()
-            self.dirty |= self.users.get(backend, set())
+            self.dirty |= {ref for ref, r in self.resolved.items()
+                           if any(b.l3n4 == backend for b in r.backends)}
 
     # --- resolution --------------------------------------------------------------------
 
@@ -232,7 +235,12 @@ class LbState:
         service = self.services.get(ref)
         if service is None or not has_frontends(service):
             return None
-        ports = tuple((p.name, p.protocol, p.target) for p in service.spec.ports)
+        cached = self._frontends.get(ref)
+        if cached is None or cached[0] is not service:
+            cached = (service, tuple(frontends(service)),
+                      tuple((p.name, p.protocol, p.target) for p in service.spec.ports))
+            self._frontends[ref] = cached
+        ports = cached[2]
         group: tuple[Any, ...]
         if ref in self.slices_of:
             group = ("slices", ref, ports, self.slice_generation.get(ref, 0))
@@ -252,7 +260,7 @@ class LbState:
             found = ()
         self._group_cache[group] = found
         backends = tuple(apply_overrides(found, self.overrides)) if self.overrides else found
-        return Resolved(ref, service, tuple(frontends(service)), backends, group)
+        return Resolved(ref, service, cached[1], backends, group)
 
     def take_dirty(self) -> list[tuple[Ref, Resolved | None]]:
         """The Services changed since the last call, resolved; clears the dirty set."""
@@ -337,35 +345,42 @@ class LbState:
         for ref, resolved in items:
             key = service_key(*ref)
             old_tables = self.service_tables.pop(ref, set())
-            for backend in self.resolved.pop(ref).backends if ref in self.resolved else ():
-                users = self.users.get(backend.l3n4)
-                if users is not None:
-                    users.discard(ref)
-                    if not users:
-                        del self.users[backend.l3n4]
+            self.resolved.pop(ref, None)
             if resolved is None:
+                self._frontends.pop(ref, None)
+                self._frontend_values.pop(ref, None)
+                self._halves.pop(ref, None)
+                self._published_service.pop(ref, None)
                 if self.published.pop(ref, None) is not None:
                     changes.deletes.add(key)
                 new_tables: set[str] = set()
             else:
                 service = resolved.service
                 half = self._backend_half(resolved, backend_ids, changes)
+                fronts = self._frontend_values.get(ref)
+                if fronts is None or fronts[0] is not resolved.frontends:
+                    fronts = (resolved.frontends, [f.kv_value(frontend_ids[f.id_key])
+                                                   for f in resolved.frontends])
+                    self._frontend_values[ref] = fronts
+                unchanged = (ref in self.published and self._halves.get(ref) is half
+                             and self.published[ref]["frontends"] is fronts[1]
+                             and self._published_service.get(ref) is service)
+                self._halves[ref] = half
+                self._published_service[ref] = service
                 value = {
                     "namespace": ref[0],
                     "name": ref[1],
                     "type": service.spec.type.value,
                     "algorithm": algorithm_of(service, self.default_algorithm).value,
                     "affinity_timeout": affinity_timeout(service),
-                    "frontends": [f.kv_value(frontend_ids[f.id_key]) for f in resolved.frontends],
+                    "frontends": fronts[1],
                     "backends": half["backends"],
                     "tables": half["tables"],
                     "local_tables": half["local_tables"],
                 }
                 new_tables = set(half["_tables"])
                 self.resolved[ref] = resolved
-                for backend in resolved.backends:
-                    self.users.setdefault(backend.l3n4, set()).add(ref)
-                if self.published.get(ref) != value:
+                if not unchanged:
                     self.published[ref] = value
                     changes.puts[key] = value
             self.service_tables[ref] = new_tables
@@ -391,8 +406,11 @@ def needed_ids(items: Iterable[tuple[Ref, Resolved | None]]) -> tuple[set[L3n4],
     """The backend addresses and frontend id keys ``render`` will need ids for."""
     backends: set[L3n4] = set()
     fronts: set[str] = set()
+    seen: set[int] = set()
     for _ref, resolved in items:
         if resolved is not None:
-            backends |= resolved.addresses()
+            if id(resolved.backends) not in seen:
+                seen.add(id(resolved.backends))
+                backends |= resolved.addresses()
             fronts |= {f.id_key for f in resolved.frontends}
     return backends, fronts
