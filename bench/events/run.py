@@ -1,17 +1,33 @@
 """Events ingest benchmark: decode msgpack batches, append to the node ring, offer to followers.
 
     .venv/bin/python bench/events/run.py [--flows 200000] [--batch 256] [--followers 10]
+    .venv/bin/python bench/events/run.py --nats [--flows 150000] [--rate 20000] [--seconds 5]
 
-Prints flows/s for: decode+append; decode+append+metrics; decode+append+fan-out to N
-followers each with its own filter (the service's ingest path).
+Without ``--nats``: flows/s for decode+append; +metrics; +fan-out to N filtered followers.
+With ``--nats``: a nats-server and a publisher process (BatchPublisher envelopes on
+``flows.n1``); the service's ingest (``services.events.observer.Stream``: decode, ring, Hubble
+metrics, hub) subscribed with ``Bus.subscribe_raw`` as the service is. It reports ingest flows/s
+with the publisher sending as fast as it can, then the delivery latency (publish time to a
+follower task holding the record) for 10 followers with their own filters at ``--rate``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import os
 import random
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
 
 from ciliate.flows import (
     Endpoint,
@@ -85,12 +101,137 @@ def measure(name: str, batches: list[bytes], total: int,
     return rate
 
 
+async def publish(url: str, flows: int, batch: int, rate: float) -> None:
+    """The publisher process: BatchPublisher envelopes, as fast as possible or paced at rate."""
+    import nats
+
+    nc = await nats.connect(url)
+    wires = [f.to_wire() for f in make_flows(min(flows, 20_000))]
+    sent, start = 0, time.perf_counter()
+    while sent < flows:
+        items = [wires[(sent + i) % len(wires)] for i in range(min(batch, flows - sent))]
+        if rate:
+            due = start + sent / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = time.time_ns()
+            items = [{**w, "t": now} for w in items]
+        await nc.publish("flows.n1", msgpack.packb({"source": "bench", "items": items,
+                                                    "lost": 0}))
+        sent += len(items)
+    await nc.flush()
+    await nc.close()
+
+
+def _spawn_publisher(url: str, flows: int, batch: int, rate: float) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, __file__, "--publish", url, "--flows", str(flows),
+                             "--batch", str(batch), "--rate", str(rate)])
+
+
+async def nats_bench(args: argparse.Namespace) -> None:
+    from ciliate.bus import Bus
+    from ciliate.stack.nats import NatsServer
+    from services.events.core.metrics import FlowMetrics
+    from services.events.observer import Stream, fill_node
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = NatsServer(Path(tmp))
+        server.start()
+        try:
+            bus = await Bus.connect(server.url, name="bench-events")
+            stream = Stream("flows", 4095, 4096, fill_node)
+            metrics = FlowMetrics.from_config(["flows-processed", "drop"])
+            stream.hooks.append(metrics.observe_many)
+            white, black = filters_from_flags(FOLLOWER_FLAGS[0])
+            one = stream.hub.add(FlowQuery(FilterSet(white, black)), 1 << 30)
+            first_at: list[float] = []
+            done = asyncio.Event()
+
+            async def on_msg(msg: Any) -> None:
+                if not first_at:
+                    first_at.append(time.perf_counter())
+                stream.ingest_bytes(msg.subject.partition(".")[2], msg.data)
+                one.drain()
+                if stream.received_total >= args.flows:
+                    done.set()
+
+            sub = await bus.subscribe_raw("flows.*", on_msg)
+            await bus.nc.flush()
+            pub = _spawn_publisher(server.url, args.flows, args.batch, 0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 120)
+            elapsed = time.perf_counter() - first_at[0] if first_at else float("nan")
+            pub.wait(30)
+            print(f"NATS ingest (decode + ring + 2 Hubble metrics + 1 filtered follower): "
+                  f"{stream.received_total:,} flows in {elapsed:.2f}s = "
+                  f"{stream.received_total / elapsed:,.0f} flows/s")
+            await sub.unsubscribe()
+            stream.hub.remove(one)
+
+            stream2 = Stream("flows", 4095, 4096, fill_node)
+            stream2.hooks.append(FlowMetrics.from_config(["flows-processed", "drop"]).observe_many)
+            latencies: list[int] = []
+            total = int(args.rate * args.seconds)
+
+            async def follow(flags: list[tuple[str, str]]) -> None:
+                w_, b_ = filters_from_flags(flags)
+                f = stream2.hub.add(FlowQuery(FilterSet(w_, b_)))
+                while not f.closed:
+                    records = await f.get()
+                    now = time.time_ns()
+                    latencies.extend(now - w["t"] for w in records if "u" in w)
+
+            tasks = [asyncio.create_task(follow(flags)) for flags in FOLLOWER_FLAGS[:10]]
+
+            done2 = asyncio.Event()
+
+            async def on_msg2(msg: Any) -> None:
+                stream2.ingest_bytes(msg.subject.partition(".")[2], msg.data)
+                if stream2.received_total >= total:
+                    done2.set()
+
+            await bus.subscribe_raw("flows.*", on_msg2)
+            await bus.nc.flush()
+            pub = _spawn_publisher(server.url, total, args.latency_batch, args.rate)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done2.wait(), args.seconds * 3 + 30)
+            pub.wait(30)
+            await asyncio.sleep(0.2)  # let the followers take the last batch before reading
+            for f in stream2.hub.followers():
+                stream2.hub.remove(f)
+            await asyncio.gather(*tasks)
+            latencies.sort()
+            ms = [v / 1e6 for v in latencies]
+            print(f"delivery to 10 filtered followers at {args.rate:,.0f} flows/s offered "
+                  f"({stream2.received_total:,} flows, {len(ms):,} deliveries, batches of "
+                  f"{args.latency_batch}): p50 {statistics.median(ms):.2f} ms, "
+                  f"p99 {ms[int(len(ms) * 0.99)]:.2f} ms, max {ms[-1]:.2f} ms")
+            await bus.close()
+        finally:
+            server.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--flows", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--followers", type=int, default=10)
+    ap.add_argument("--nats", action="store_true", help="NATS in the loop (see the docstring)")
+    ap.add_argument("--rate", type=float, default=20_000)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--latency-batch", type=int, default=100,
+                    help="flows per message in the latency run (20 ms of BatchPublisher "
+                         "max_delay at 5,000 flows/s per node)")
+    ap.add_argument("--publish", metavar="URL", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.publish:
+        asyncio.run(publish(args.publish, args.flows, args.batch, args.rate))
+        return
+    if args.nats:
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        asyncio.run(nats_bench(args))
+        return
 
     flows = make_flows(args.flows)
     batches = [encode_batch(flows[i:i + args.batch]) for i in range(0, len(flows), args.batch)]
