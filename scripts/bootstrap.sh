@@ -16,7 +16,7 @@ STAMP="$VENV/.ciliate-install-stamp"
 DEBIAN_BCC=/usr/lib/python3/dist-packages/bcc
 APT_PACKAGES=(
     python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 bpftool
-    iproute2 iptables nftables conntrack iperf3 util-linux
+    iproute2 iptables nftables conntrack iperf3 util-linux chromium
 )
 started_ns=$(date +%s%N)
 

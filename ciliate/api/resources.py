@@ -74,12 +74,13 @@ class ResourceHandlers:
         if not resource.NAMESPACED:
             resource.metadata.namespace = None
             namespace = ""
-        doc = resource.model_dump(mode="json", by_alias=True, exclude_none=True)
         try:
             async with self.db.unit_of_work() as uow:
                 repo = ResourceRepository(uow.session)
                 old = await repo.get(resource.kind, namespace, resource.metadata.name)
                 extra = await self.on_apply(uow, resource, old, dry_run)
+                # After the hook: it may fill in what the service allocates (a clusterIP...).
+                doc = resource.model_dump(mode="json", by_alias=True, exclude_none=True)
                 if dry_run:
                     return web.json_response({"dryRun": True, "object": doc, **extra})
                 result = await repo.apply(doc)

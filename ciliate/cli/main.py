@@ -44,11 +44,14 @@ def _replicas(values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--replicas", multiple=True, help="SERVICE=N, e.g. identity=3 (repeatable).")
 @click.option("--no-agents", is_flag=True, help="Do not start the per-node agents.")
 @click.option("--db-url", default=None, help="Use this database instead of SQLite.")
+@click.option("--nats-auth/--no-nats-auth", default=True, show_default=True,
+              help="One NATS user per service with the permissions of infra/nats.")
 @click.option("--ready-timeout", type=float, default=60.0, show_default=True)
 @click.option("--example", "examples", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Apply this YAML file once the stack is ready (repeatable).")
 def up(nodes: int, state_dir: Path | None, replicas: tuple[str, ...], no_agents: bool,
-       db_url: str | None, ready_timeout: float, examples: tuple[str, ...]) -> None:
+       db_url: str | None, nats_auth: bool, ready_timeout: float,
+       examples: tuple[str, ...]) -> None:
     """Run the whole stack on this machine, in the foreground, until Ctrl-C."""
     from ciliate.bus.subjects import SERVICES
     from ciliate.stack.supervisor import Stack, StackConfig, run_foreground
@@ -59,7 +62,8 @@ def up(nodes: int, state_dir: Path | None, replicas: tuple[str, ...], no_agents:
         raise click.BadParameter(f"unknown service(s) {unknown}; known: {list(SERVICES)}",
                                  param_hint="--replicas")
     config = StackConfig(state_dir=(state_dir or state_dir_from_env()).absolute(), nodes=nodes,
-                         replicas=counts, agents=not no_agents, db_url=db_url)
+                         replicas=counts, agents=not no_agents, db_url=db_url,
+                         nats_auth=nats_auth)
     scene = read_files(examples) if examples else []
 
     def apply_examples(context: ClientContext) -> None:

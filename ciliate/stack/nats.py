@@ -46,9 +46,10 @@ class NatsServer:
     def start(self, timeout: float = 10.0) -> None:
         store = self.state_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
-        args = [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd",
-                str(store)]
-        if self.config_text is not None:
+        args = [nats_server_binary(), "-a", self.host, "-p", str(self.port)]
+        if self.config_text is None:
+            args += ["-js", "-sd", str(store)]
+        else:  # the configuration enables JetStream with its own store_dir
             conf = self.state_dir / "nats-server.conf"
             fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ciliate import natsconf
 from ciliate.bus.subjects import SERVICES
 from ciliate.client.context import ClientContext
 from ciliate.stack.nats import NatsServer
@@ -58,6 +59,8 @@ class StackConfig:
     db_url: str | None = None
     agents: bool = True
     """Start the per-node agents (they need root; skipped with a note otherwise)."""
+    nats_auth: bool = True
+    """One NATS user per service with the subject permissions of ``infra/nats`` (from ACCESS)."""
 
 
 def load_token(state_dir: Path) -> str:
@@ -86,6 +89,7 @@ class Stack:
         self.children: list[Child] = []
         self.skipped: dict[str, str] = {}
         self.nodes = node_names(config.nodes)
+        self.nats_passwords: dict[str, str] = {}
 
     def plan(self) -> list[Child]:
         children = []
@@ -108,6 +112,14 @@ class Stack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
         self.token = load_token(self.state_dir)
+        if self.config.nats_auth:
+            self.nats_passwords = {user: secrets.token_urlsafe(24) for user in natsconf.users()}
+            self.nats.config_text = natsconf.render(
+                passwords=self.nats_passwords,
+                store_dir=str(self.state_dir / "nats"),
+                port=self.nats.port,
+                monitor_port=free_port(),
+            )
         self.nats.start()
         upgrade(self.db_url)
         self.children = self.plan()
@@ -119,6 +131,8 @@ class Stack:
             services={},
             nodes=self.nodes,
             pid=os.getpid(),
+            nats_user=natsconf.CLI_USER if self.nats_passwords else None,
+            nats_password=self.nats_passwords.get(natsconf.CLI_USER),
         )
         for child in self.children:
             context.services.setdefault(child.service, []).append(child.url)
@@ -140,6 +154,9 @@ class Stack:
             CILIATE_NODES=",".join(self.nodes),
             CILIATE_LOG_FORMAT="json",
         )
+        if self.nats_passwords:
+            env.update(CILIATE_NATS_USER=child.service,
+                       CILIATE_NATS_PASSWORD=self.nats_passwords[child.service])
         return env
 
     def _spawn(self, child: Child) -> None:

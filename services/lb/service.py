@@ -20,13 +20,12 @@ import numpy as np
 from aiohttp import web
 from sqlalchemy.exc import IntegrityError
 
-from ciliate.api import Problem, field_problem, read_object, route
+from ciliate.api import field_problem, read_object, route
 from ciliate.api.resources import ResourceHandlers, owned_kinds
 from ciliate.bus import KV, Bucket, KVMirror, codec
 from ciliate.bus.subjects import kv_subject
 from ciliate.resources.base import Resource
 from ciliate.resources.core import EndpointSlice, LbAlgorithm, Service, ServiceType
-from ciliate.resources.registry import parse_resource
 from ciliate.runner import ServiceContext, ServiceSpec
 from ciliate.store import Database, DatabaseUnavailable, ResourceRepository, StoredResource
 from ciliate.store.database import UnitOfWork
@@ -60,41 +59,6 @@ def _l3n4(key: str) -> L3n4:
     hostport, _, protocol = key.rpartition("/")
     host, _, port = hostport.rpartition(":")
     return L3n4(host.strip("[]"), int(port), protocol.upper())
-
-
-class LbHandlers(ResourceHandlers):
-    """The generic resource REST, with the object dumped *after* ``on_apply`` so that the
-    ClusterIP and node ports it allocates are stored in the Service, as Kubernetes does."""
-
-    async def apply(self, request: web.Request) -> web.Response:
-        body = await read_object(request)
-        dry_run = request.query.get("dryRun", "").lower() in ("1", "true", "all")
-        resource = parse_resource(body)
-        self._kind(resource.kind)
-        if not resource.metadata.namespace:
-            resource.metadata.namespace = "default"
-        namespace = resource.metadata.namespace
-        try:
-            async with self.db.unit_of_work() as uow:
-                repo = ResourceRepository(uow.session)
-                old = await repo.get(resource.kind, namespace, resource.metadata.name)
-                extra = await self.on_apply(uow, resource, old, dry_run)
-                doc = resource.model_dump(mode="json", by_alias=True, exclude_none=True)
-                if dry_run:
-                    return web.json_response({"dryRun": True, "object": doc, **extra})
-                result = await repo.apply(doc)
-                await uow.commit()
-        except IntegrityError as exc:
-            raise Problem(409, f"conflict: {exc.orig}") from None
-        except DatabaseUnavailable as exc:
-            raise Problem(503, f"database unavailable: {exc}") from None
-        if result.changed:
-            await self.after_commit()
-        return web.json_response(
-            {"object": result.resource.to_document(), "created": result.created,
-             "changed": result.changed, **extra},
-            status=201 if result.created else 200,
-        )
 
 
 class LbService:
@@ -445,7 +409,7 @@ async def setup(ctx: ServiceContext) -> None:
         service.backend_ids = {_l3n4(k): i for k, i in (await repo.ids(BACKEND)).items()}
         service.frontend_ids = await repo.ids(FRONTEND)
     await service.reload()
-    handlers = LbHandlers(ctx.database, owned_kinds("lb"), on_apply=service.on_apply,
+    handlers = ResourceHandlers(ctx.database, owned_kinds("lb"), on_apply=service.on_apply,
                           on_delete=service.on_delete, after_commit=service.after_commit)
     handlers.register(ctx.app)
     route(ctx.app, "GET", "/v1/lb/services", service.list_services,
