@@ -1,0 +1,4 @@
+from ciliate.runner import main
+from services.k8ssync.service import SPEC
+
+main(SPEC)

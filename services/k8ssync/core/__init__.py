@@ -1,0 +1,1 @@
+"""Pure parts of the Kubernetes sync and the CNI plugin: no I/O, unit-tested."""
