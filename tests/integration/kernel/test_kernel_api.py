@@ -3,7 +3,6 @@ size limits, and nothing stored when the input is bad."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,8 +11,7 @@ import aiohttp
 import pytest
 
 from ciliate.config import Settings
-from ciliate.runner import run_service
-from ciliate.stack.ports import free_port
+from ciliate.testing import serving
 
 TOKEN = "test-token"
 
@@ -30,29 +28,10 @@ async def service(nats_url: str, sqlite_url: str, tmp_path: Any) -> AsyncIterato
     from ciliate.cli.plugins import service_specs
 
     spec = service_specs()["policy"].load()
-    port = free_port()
     settings = Settings(nats_url=nats_url, db_url=sqlite_url, token=TOKEN, node="n1",
-                        state_dir=tmp_path, http_port=port, replica="t1")
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_service(spec, settings, stop))
-    base = f"http://127.0.0.1:{port}"
-    deadline = asyncio.get_running_loop().time() + 20
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(base + "/readyz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                pass
-            assert not task.done(), "service exited during start-up"
-            assert asyncio.get_running_loop().time() < deadline, "service never became ready"
-            await asyncio.sleep(0.02)
-    try:
+                        state_dir=tmp_path, replica="t1")
+    async with serving(spec, settings) as base:
         yield base
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
 
 
 def _auth() -> dict[str, str]:
