@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +11,7 @@ import click
 import yaml
 
 from ciliate.cli.output import echo_json, run, table
-from ciliate.client import ApiError, Client, connect_bus
+from ciliate.client import ApiError, Client
 from ciliate.resources.base import ResourceError
 
 ENFORCEMENT_FEATURES = ("tracepoint", "ringbuf", "send_signal", "btf", "kprobe", "lsm",
@@ -157,58 +155,3 @@ def delete(name: str, namespace: str) -> None:
         _api_failure(exc)
         return
     click.echo(f"{kind} {namespace + '/' if namespace else ''}{name} deleted")
-
-
-def render(event: Mapping[str, Any], output: str) -> str:
-    """One event as `getevents` prints it: a JSON object per line, or Tetragon's compact line."""
-    from services.security.core.events import compact
-
-    if output == "json":
-        return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
-    return compact(dict(event))
-
-
-@click.command("getevents")
-@click.option("-o", "--output", type=click.Choice(["json", "compact"]), default="json",
-              show_default=True)
-@click.option("--namespace", "namespaces", multiple=True, help="Only pods in this namespace.")
-@click.option("--pod", "pods", multiple=True, help="Only pods whose name matches (regex).")
-@click.option("--process", "processes", multiple=True,
-              help="Only binaries whose path matches (regex).")
-@click.option("--policy-names", "policy_names", multiple=True,
-              help="Only events of this policy.")
-@click.option("--timeout", type=float, default=None,
-              help="Stop after this many seconds (default: until interrupted).")
-def getevents(output: str, namespaces: tuple[str, ...], pods: tuple[str, ...],
-              processes: tuple[str, ...], policy_names: tuple[str, ...],
-              timeout: float | None) -> None:
-    """Process events of every node as they happen (Tetragon's `tetra getevents`)."""
-    from ciliate.bus.subjects import PROCESS_ALL
-    from services.security.core.filters import FilterError, from_flags
-
-    try:
-        filters = from_flags(namespaces, pods, processes, policy_names)
-    except FilterError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-    async def follow() -> None:
-        bus = await connect_bus(name="ciliate-getevents")
-        try:
-            async def on_batch(batch: Any) -> None:
-                if not isinstance(batch, dict):
-                    return
-                for event in batch.get("items", []):
-                    if filters.passes(event):
-                        click.echo(render(event, output))
-                if batch.get("lost"):
-                    click.echo(f"lost {batch['lost']} events on {batch.get('source', '?')}",
-                               err=True)
-
-            await bus.subscribe(PROCESS_ALL, on_batch)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.Event().wait(), timeout)
-        finally:
-            await bus.close()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        run(follow())
