@@ -148,8 +148,11 @@ async def read_json(request: web.Request) -> Any:
         raise field_problem(400, "body", "empty body")
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, ints over 4300 digits
         raise field_problem(400, "body", f"malformed JSON: {exc}") from None
+    except RecursionError:
+        # json.loads recurses per nesting level: a 1 MiB body of brackets is a 400, not a 500.
+        raise field_problem(400, "body", "JSON nested too deeply") from None
 
 
 async def read_object(request: web.Request) -> dict[str, Any]:
