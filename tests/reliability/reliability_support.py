@@ -7,6 +7,7 @@ service's own, not the test harness's.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -112,7 +113,7 @@ class Rest:
                    headers: dict[str, str] | None = None) -> tuple[int, Any]:
         kwargs: dict[str, Any] = {"headers": headers or {}}
         if data is not None:
-            kwargs["data"] = data
+            kwargs["data"] = io.BytesIO(data)
         elif body is not None:
             kwargs["json"] = body
         async with self.session.request(method, url, **kwargs) as resp:
