@@ -74,6 +74,26 @@ def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
     cursor.close()
 
 
+UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
+"""PostgreSQL error classes that mean "not reachable now": connection exception, insufficient
+resources (too many connections), operator intervention (shutdown, terminated backend)."""
+UNAVAILABLE_SQLSTATES = ("3D000", "55000")
+"""Database missing (renamed away), and ``ALLOW_CONNECTIONS false`` (object not in prerequisite
+state, raised while connecting)."""
+
+
+def unavailable(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says the database is out of reach (503) rather than the request wrong."""
+    if isinstance(exc, OSError | OperationalError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    state = str(getattr(exc.orig, "sqlstate", None) or "")
+    return state[:2] in UNAVAILABLE_SQLSTATE_CLASSES or state in UNAVAILABLE_SQLSTATES
+
+
 class UnitOfWork:
     """One transaction. Repositories take ``uow.session`` and never commit; ``commit()`` does.
 
@@ -110,9 +130,7 @@ class UnitOfWork:
             with contextlib.suppress(Exception):
                 await session.close()
             self._session = None
-        if isinstance(exc, OSError | OperationalError) or (
-            isinstance(exc, DBAPIError) and exc.connection_invalidated
-        ):
+        if unavailable(exc):
             raise DatabaseUnavailable(str(exc)) from exc
 
     async def commit(self) -> None:
