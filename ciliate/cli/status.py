@@ -16,6 +16,16 @@ STALE_AFTER = 10.0
 """A heartbeat older than this (seconds) marks its replica unhealthy."""
 
 
+def problems(beat: dict[str, Any], checks: dict[str, Any], age: float) -> list[str]:
+    """Why a replica is degraded, in words: each failing readiness check, a stale heartbeat."""
+    found = [f"{name} check failing" for name, ok in sorted(checks.items()) if not ok]
+    if not beat.get("ready") and not found:
+        found.append("not ready")
+    if age >= STALE_AFTER:
+        found.append(f"no heartbeat for {age:.0f}s")
+    return found
+
+
 async def collect(context: ClientContext) -> dict[str, Any]:
     bus = await connect_bus(context)
     try:
@@ -33,10 +43,13 @@ async def collect(context: ClientContext) -> dict[str, Any]:
         name = str(beat.get("service", "?"))
         age = now - float(beat.get("at", 0))
         healthy = bool(beat.get("ready")) and age < STALE_AFTER
+        raw_checks = beat.get("checks")
+        checks: dict[str, Any] = raw_checks if isinstance(raw_checks, dict) else {}
         entry = services.setdefault(name, {"healthy": False, "replicas": []})
         entry["replicas"].append({
             "replica": beat.get("replica"), "node": beat.get("node"), "pid": beat.get("pid"),
             "url": beat.get("url"), "healthy": healthy, "age_seconds": round(age, 1),
+            "checks": checks, "problems": problems(beat, checks, age),
             "status": beat.get("status", {}),
         })
     for entry in services.values():
@@ -84,11 +97,17 @@ def status(verbose: bool, output: str) -> None:
             up = sum(1 for r in reps if r["healthy"])
             click.echo(f"{name + ':':<11} {'Ok' if entry['healthy'] else 'Degraded':<9} "
                        f"{up}/{len(reps)} replicas healthy")
+            if not reps:
+                click.echo("    no replica is sending heartbeats")
+            for r in reps:
+                if r["problems"] and not verbose:
+                    click.echo(f"    {r['replica']}: {', '.join(r['problems'])}")
             if verbose:
                 for r in reps:
                     click.echo(f"    {r['replica']:<8} node={r['node']} pid={r['pid']} "
                                f"{r['url']} {'ok' if r['healthy'] else 'unhealthy'} "
-                               f"(heartbeat {r['age_seconds']}s ago)")
+                               f"(heartbeat {r['age_seconds']}s ago)"
+                               + (f": {', '.join(r['problems'])}" if r["problems"] else ""))
                     for key, value in (r.get("status") or {}).items():
                         click.echo(f"        {key}: {value}")
         if verbose and "kernel" in report:

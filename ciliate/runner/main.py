@@ -58,7 +58,8 @@ async def _heartbeat(ctx: ServiceContext, url: str, started: float) -> None:
     key = f"{ctx.spec.name}.{ctx.replica}"
     while True:
         try:
-            ready = all([await check() for check in ctx.app[READINESS_KEY].values()])
+            checks = {name: bool(await check())
+                      for name, check in ctx.app[READINESS_KEY].items()}
             await kv.put(key, {
                 "service": ctx.spec.name,
                 "replica": ctx.replica,
@@ -67,7 +68,8 @@ async def _heartbeat(ctx: ServiceContext, url: str, started: float) -> None:
                 "url": url,
                 "started": started,
                 "at": time.time(),
-                "ready": ready,
+                "ready": all(checks.values()),
+                "checks": checks,
                 "status": ctx.status,
             })
         except Exception as exc:  # NATS away: keep trying, the bus reconnects by itself
