@@ -1,0 +1,140 @@
+"""Loads the L7 redirect program (bcc) and attaches it beside the datapath's tc programs.
+
+The only bcc/pyroute2 user of the proxy package. ``ProxyDatapath(node)`` compiles
+``bpf/redirect.c`` against the datapath's pinned maps of that node; ``setup_routing`` installs
+the policy route that delivers marked packets locally (Cilium's ``fwmark 0x200/0xf00 lookup
+2004`` with ``local default dev lo`` in table 2004); ``attach(ifname)`` adds the program to a
+pod's host-veth tc ingress, ahead of the datapath program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+from pathlib import Path
+from typing import Any
+
+from bcc import BPF
+from pyroute2 import IPRoute, NetlinkError
+
+from services.datapath.loader import MapSizes
+from services.datapath.maps import PIN_ROOT, pin_dir
+
+SOURCE = Path(__file__).with_name("bpf") / "redirect.c"
+TC_INGRESS = "ffff:fff2"
+FILTER_PRIO = 1
+"""Same priority as the datapath's filter; a newly added handle at one priority runs before the
+ones already there (cls_bpf keeps its programs in a list and adds at the head)."""
+FILTER_HANDLE = 0x1700
+MARK_TO_PROXY = 0x0200
+MARK_MASK = 0x0F00
+ROUTE_TABLE = 2004
+RULE_PRIORITY = 9
+STAT_NAMES = ("redirected", "established", "no_proxy", "assign_failed")
+_COMPILE_LOCK = threading.Lock()
+
+
+def render_source(pins: Path, sizes: MapSizes) -> str:
+    text = SOURCE.read_text()
+    for name, value in {
+        "__PIN_DIR__": str(pins),
+        "__IPCACHE_SIZE__": str(sizes.ipcache),
+        "__ENDPOINTS_SIZE__": str(sizes.endpoints),
+        "__POLICY_MAP_SIZE__": str(sizes.policy),
+        "__MARK__": hex(MARK_TO_PROXY),
+    }.items():
+        text = text.replace(name, value)
+    return text
+
+
+class ProxyDatapath:
+    """The redirect program of one node (open the datapath's maps first: ``Datapath(node)``)."""
+
+    def __init__(self, node: str, *, sizes: MapSizes | None = None,
+                 pin_root: Path = PIN_ROOT) -> None:
+        self.node = node
+        self.pins = pin_dir(node, pin_root)
+        if not (self.pins / "cil_policy").exists():
+            raise FileNotFoundError(f"datapath maps of node {node!r} are not pinned at {self.pins}")
+        with _COMPILE_LOCK:
+            self.bpf = BPF(text=render_source(self.pins, sizes or MapSizes()).encode())
+        self.fn = self.bpf.load_func(b"to_proxy", BPF.SCHED_CLS)
+
+    def setup_routing(self, netns: str | None = None) -> None:
+        """fwmark rule + local default route so marked packets go to local sockets."""
+        with _ipr(netns) as ipr:
+            try:
+                ipr.route("add", dst="0.0.0.0/0", type="local", table=ROUTE_TABLE,
+                          oif=ipr.link_lookup(ifname="lo")[0])
+            except NetlinkError as e:
+                if e.code != 17:
+                    raise
+            try:
+                ipr.rule("add", fwmark=MARK_TO_PROXY, fwmask=MARK_MASK, table=ROUTE_TABLE,
+                         priority=RULE_PRIORITY)
+            except NetlinkError as e:
+                if e.code != 17:
+                    raise
+
+    def teardown_routing(self, netns: str | None = None) -> None:
+        with _ipr(netns) as ipr:
+            with contextlib.suppress(NetlinkError):
+                ipr.rule("del", fwmark=MARK_TO_PROXY, fwmask=MARK_MASK, table=ROUTE_TABLE,
+                         priority=RULE_PRIORITY)
+            with contextlib.suppress(NetlinkError):
+                ipr.route("del", dst="0.0.0.0/0", type="local", table=ROUTE_TABLE,
+                          oif=ipr.link_lookup(ifname="lo")[0])
+
+    def attach(self, ifname: str, netns: str | None = None) -> None:
+        """Add the redirect on ``ifname``'s tc ingress (after the datapath attached its own)."""
+        with _ipr(netns) as ipr:
+            idx = _ifindex(ipr, ifname)
+            try:
+                ipr.tc("add", "clsact", idx)
+            except NetlinkError as e:
+                if e.code != 17:
+                    raise
+            ipr.tc("replace-filter", "bpf", idx, FILTER_HANDLE, fd=self.fn.fd, name=self.fn.name,
+                   parent=TC_INGRESS, prio=FILTER_PRIO, protocol=0x0003, classid=1,
+                   direct_action=True)
+
+    def detach(self, ifname: str, netns: str | None = None) -> None:
+        with _ipr(netns) as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                return
+            with contextlib.suppress(NetlinkError):
+                ipr.tc("del-filter", "bpf", found[0], FILTER_HANDLE, parent=TC_INGRESS,
+                       prio=FILTER_PRIO, protocol=0x0003)
+
+    def stats(self) -> dict[str, int]:
+        table: Any = self.bpf["cil_proxy_stats"]
+        out: dict[str, int] = {}
+        for slot, name in enumerate(STAT_NAMES):
+            values = table[ctypes.c_int(slot)]
+            out[name] = int(sum(int(v) for v in values))
+        return out
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+class _ipr:
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self.ipr: Any = None
+
+    def __enter__(self) -> Any:
+        self.ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
+        return self.ipr
+
+    def __exit__(self, *exc: object) -> None:
+        self.ipr.close()
+
+
+def _ifindex(ipr: Any, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise LookupError(f"no link {ifname!r}")
+    return int(found[0])
