@@ -46,7 +46,7 @@ CLI_ACCESS = Access(
 
 def env_password(user: str) -> str:
     """The NATS variable reference a user's password is read from."""
-    return f"$CILIATE_NATS_PASSWORD_{user.upper()}"
+    return f"$CILIATE_NATS_PASSWORD_{user.upper().replace('-', '_')}"
 
 
 def stream(bucket: Bucket) -> str:

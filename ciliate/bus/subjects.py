@@ -95,5 +95,8 @@ ACCESS: dict[str, Access] = {
         subscribe=frozenset({FLOWS_ALL, PROCESS_ALL}),
         kv_read=_ALL_READ | {Bucket.ENDPOINTS, Bucket.IDENTITIES},
     ),
+    "k8s-sync": Access(
+        kv_read=_ALL_READ | {Bucket.ENDPOINTS},
+    ),
 }
 """Per-service permissions; every service also writes its own heartbeat and node entries."""

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from services.k8ssync.core.cni import (
+from services.datapath.cni.core.invocation import (
     CNI_VERSION,
     CniError,
     Command,

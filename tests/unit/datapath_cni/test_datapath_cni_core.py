@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.k8ssync.core.cni import (
+from services.datapath.cni.core.invocation import (
     CniError,
     Command,
     ErrorCode,
@@ -18,7 +18,7 @@ from services.k8ssync.core.cni import (
     parse_invocation,
     result_document,
 )
-from services.k8ssync.core.ipam import HostLocalIpam, IpamExhausted
+from services.datapath.cni.core.ipam import HostLocalIpam, IpamExhausted
 
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc", "CNI_NETNS": "/var/run/netns/p",
        "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin",

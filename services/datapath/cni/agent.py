@@ -27,8 +27,8 @@ from aiohttp import web
 from pyroute2 import IPRoute
 
 from ciliate.api import field_problem, route
+from services.datapath.cni.core.ipam import HostLocalIpam, IpamExhausted
 from services.datapath.sandbox import GATEWAY_IP, lxc_name
-from services.k8ssync.core.ipam import HostLocalIpam, IpamExhausted
 
 NEIGH_PERMANENT = 0x80
 SCOPE_LINK = 253

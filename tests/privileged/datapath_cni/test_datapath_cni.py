@@ -24,7 +24,7 @@ from aiohttp import web
 
 from ciliate.api import make_app
 from ciliate.stack.ports import free_port
-from services.k8ssync.cni_agent import CniAgent
+from services.datapath.cni.agent import CniAgent
 
 pytestmark = pytest.mark.privileged
 REPO = Path(__file__).resolve().parents[3]
@@ -63,7 +63,7 @@ async def cni(node: Node, command: str, netns: str, container: str, pod: str = "
     if pod:
         env["CNI_ARGS"] = f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.k8ssync.cni", env=env, cwd=REPO,
+        sys.executable, "-m", "services.datapath.cni.plugin", env=env, cwd=REPO,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate(node.netconf() if stdin is None else stdin)
     return proc.returncode or 0, json.loads(out) if out.strip() else None
