@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -63,28 +64,20 @@ class ProxyDatapath:
 
     def setup_routing(self, netns: str | None = None) -> None:
         """fwmark rule + local default route so marked packets go to local sockets."""
-        with _ipr(netns) as ipr:
-            try:
-                ipr.route("add", dst="0.0.0.0/0", type="local", table=ROUTE_TABLE,
-                          oif=ipr.link_lookup(ifname="lo")[0])
-            except NetlinkError as e:
-                if e.code != 17:
-                    raise
-            try:
-                ipr.rule("add", fwmark=MARK_TO_PROXY, fwmask=MARK_MASK, table=ROUTE_TABLE,
-                         priority=RULE_PRIORITY)
-            except NetlinkError as e:
-                if e.code != 17:
-                    raise
+        _ip(netns, "route", "replace", "local", "0.0.0.0/0", "dev", "lo",
+            "table", str(ROUTE_TABLE))
+        rule = ["fwmark", f"{MARK_TO_PROXY:#x}/{MARK_MASK:#x}", "lookup", str(ROUTE_TABLE),
+                "priority", str(RULE_PRIORITY)]
+        if f"lookup {ROUTE_TABLE}" not in _ip(netns, "rule", "show"):
+            _ip(netns, "rule", "add", *rule)
 
     def teardown_routing(self, netns: str | None = None) -> None:
-        with _ipr(netns) as ipr:
-            with contextlib.suppress(NetlinkError):
-                ipr.rule("del", fwmark=MARK_TO_PROXY, fwmask=MARK_MASK, table=ROUTE_TABLE,
-                         priority=RULE_PRIORITY)
-            with contextlib.suppress(NetlinkError):
-                ipr.route("del", dst="0.0.0.0/0", type="local", table=ROUTE_TABLE,
-                          oif=ipr.link_lookup(ifname="lo")[0])
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _ip(netns, "rule", "del", "fwmark", f"{MARK_TO_PROXY:#x}/{MARK_MASK:#x}",
+                "lookup", str(ROUTE_TABLE), "priority", str(RULE_PRIORITY))
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _ip(netns, "route", "del", "local", "0.0.0.0/0", "dev", "lo",
+                "table", str(ROUTE_TABLE))
 
     def attach(self, ifname: str, netns: str | None = None) -> None:
         """Add the redirect on ``ifname``'s tc ingress (after the datapath attached its own)."""
@@ -109,7 +102,7 @@ class ProxyDatapath:
                        prio=FILTER_PRIO, protocol=0x0003)
 
     def stats(self) -> dict[str, int]:
-        table: Any = self.bpf["cil_proxy_stats"]
+        table: Any = self.bpf[b"cil_proxy_stats"]
         out: dict[str, int] = {}
         for slot, name in enumerate(STAT_NAMES):
             values = table[ctypes.c_int(slot)]
@@ -131,6 +124,11 @@ class _ipr:
 
     def __exit__(self, *exc: object) -> None:
         self.ipr.close()
+
+
+def _ip(netns: str | None, *args: str) -> str:
+    cmd = ["ip", *(["-n", netns] if netns else []), *args]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
 def _ifindex(ipr: Any, ifname: str) -> int:
