@@ -149,3 +149,27 @@ def test_service_without_backends_refuses_and_drops_with_158(lbc: LbCluster) -> 
     # Backends coming back make the same frontend work again.
     lbc.sync(kv(web()))
     assert lbc.run_client("tcp", VIP, 80, 5, pod="c1")["errors"] == {}
+
+
+def test_bpf_lb_list_and_maglev_list_show_the_loaded_maps(lbc: LbCluster) -> None:
+    from click.testing import CliRunner
+
+    from services.datapath.lb.cli import bpf
+
+    lbc.sync(kv(web()))
+    root = str(lbc.lbs["n1"].pins.parent)
+    res = CliRunner().invoke(bpf, ["lb", "list", "--pin-root", root, "--node", "n1",
+                                   "-o", "json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["service"]: r for r in json.loads(res.output)["n1"]}
+    assert rows[f"{VIP}:80/TCP"]["count"] == 3
+    assert {b["address"] for b in rows[f"{VIP}:80/TCP"]["backends"]} == {
+        f"{ip}:{TCP_PORT}/TCP" for _n, ip in BACKENDS.values()}
+    assert "NodePort" in rows[f"0.0.0.0:{NODEPORT}/TCP"]["flags"]
+    text = CliRunner().invoke(bpf, ["lb", "list", "--pin-root", root, "--node", "n1"]).output
+    assert text.startswith("SERVICE ADDRESS") and f"{VIP}:80/TCP (1)" in text
+    mg = CliRunner().invoke(bpf, ["lb", "maglev", "list", "--pin-root", root, "--node", "n1",
+                                  "--maglev-m", str(MAGLEV_M), "-o", "json"])
+    assert mg.exit_code == 0, mg.output
+    table = json.loads(mg.output)["n1"]["1"]
+    assert len(table) == MAGLEV_M and set(table) == {10, 11, 12}
