@@ -11,11 +11,29 @@ from services.policy.core.compile import (
     IdentityPolicy,
     Overflow,
 )
-from services.policy.core.spec import Direction
+from services.policy.core.spec import Direction, HTTPRule
 
 
-def encode_entry(key: EntryKey, value: EntryValue) -> dict[str, Any]:
-    return {
+def encode_l7(value: EntryValue, rules: list[tuple[str, tuple[object, ...]]]) -> dict[str, Any]:
+    """The L7 rules of a redirect entry, for the node's proxy: ``http`` rules (method, path,
+    host, headers); ``wildcard`` when another allow of the same key has no L7 rules (Cilium
+    then lets every request through on that port)."""
+    http: list[dict[str, Any]] = []
+    for _cookie, items in rules:
+        for h in items:
+            if isinstance(h, HTTPRule):
+                rule = {"method": h.method, "path": h.path, "host": h.host,
+                        "headers": list(h.headers)}
+                if rule not in http:
+                    http.append(rule)
+    l7_cookies = {cookie for cookie, _ in rules}
+    return {"http": http, "wildcard": bool(value.cookies - l7_cookies)}
+
+
+def encode_entry(
+    key: EntryKey, value: EntryValue, l7: list[tuple[str, tuple[object, ...]]] | None = None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "peer": key.peer,
         "direction": key.direction.value,
         "proto": key.proto,
@@ -25,6 +43,9 @@ def encode_entry(key: EntryKey, value: EntryValue) -> dict[str, Any]:
         "proxy_port": value.proxy_port,
         "cookies": sorted(value.cookies),
     }
+    if value.proxy_port and not value.deny:
+        out["l7"] = encode_l7(value, l7 or [])
+    return out
 
 
 def decode_entry(data: dict[str, Any]) -> tuple[EntryKey, EntryValue]:
@@ -43,7 +64,9 @@ def encode_policy(policy: IdentityPolicy, revision: int) -> dict[str, Any]:
         "identity": policy.identity,
         "revision": revision,
         "enforce": {d.value: policy.enforce.get(d, False) for d in Direction},
-        "entries": [encode_entry(k, v) for k, v in sorted(policy.entries.items())],
+        "entries": [
+            encode_entry(k, v, policy.l7.get(k)) for k, v in sorted(policy.entries.items())
+        ],
     }
 
 

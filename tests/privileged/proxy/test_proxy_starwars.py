@@ -23,7 +23,7 @@ from ciliate.flows.model import Flow
 from ciliate.flows.tables import FlowType, Verdict
 from services.datapath.core.plan import desired_state
 from services.datapath.loader import Datapath, MapSizes, unpin
-from services.datapath.maps import PIN_ROOT, pin_dir
+from services.datapath.maps import PIN_ROOT
 from services.datapath.proxy.core.policy import PolicyView
 from services.datapath.proxy.http_proxy import HTTPProxy
 from services.datapath.proxy.loader import ProxyDatapath
