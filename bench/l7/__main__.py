@@ -1,0 +1,3 @@
+from bench.l7.run import main
+
+main()
