@@ -71,12 +71,20 @@ class Load:
         urls = self.urls[owner]
         self.turn += 1
         url = urls[self.turn % len(urls)]
-        async with self.session.post(url + "/v1/resources", json=doc) as resp:
-            body = await resp.read()
-            if resp.status >= 300 and len(self.refusals) < 5:
-                self.refusals.append(f"{doc['kind']} {resp.status} {body[:300]!r}")
-            self.statuses[resp.status] = self.statuses.get(resp.status, 0) + 1
-            return resp.status
+        try:
+            async with self.session.post(url + "/v1/resources", json=doc) as resp:
+                body = await resp.read()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self.statuses[0] = self.statuses.get(0, 0) + 1
+            if len(self.refusals) < 5:
+                self.refusals.append(f"{doc['kind']} no answer: {exc!r}")
+            return 0
+        resp_status = status
+        if resp_status >= 300 and len(self.refusals) < 5:
+            self.refusals.append(f"{doc['kind']} {resp_status} {body[:300]!r}")
+        self.statuses[resp_status] = self.statuses.get(resp_status, 0) + 1
+        return resp_status
 
 
 async def kv_count(bus: Bus, bucket: Bucket) -> dict[str, Any]:
