@@ -5,9 +5,11 @@ maps in planned order, collect conntrack garbage and read the event ring buffer.
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,9 @@ TC_INGRESS = "ffff:fff2"
 TC_EGRESS = "ffff:fff3"
 FILTER_PRIO = 1
 FILTER_HANDLE = 1
+_COMPILE_LOCK = threading.Lock()
+METRICS_SLOTS = 1024
+"""Slots of ``cil_metrics``: drop reason (0 = forwarded) * 4 + direction."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +55,31 @@ class MapSizes:
     events_pages: int = 64
 
 
-def render_source(pins: Path, sizes: MapSizes) -> str:
+class MonitorAggregation(IntEnum):
+    """Cilium's ``--monitor-aggregation`` levels that change what this datapath reports."""
+
+    NONE = 0
+    LOWEST = 1
+    LOW = 2
+    MEDIUM = 3
+    MAXIMUM = 4
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Trace-event aggregation: Cilium's defaults are medium with a 5 s report interval."""
+
+    aggregation: MonitorAggregation = MonitorAggregation.MEDIUM
+    interval_s: int = 5
+
+
+def render_source(pins: Path, sizes: MapSizes, monitor: MonitorConfig | None = None) -> str:
     """Fill the placeholders of bpf/datapath.c."""
     text = BPF_SOURCE.read_text()
+    mon = monitor or MonitorConfig()
     for name, value in {
+        "__MONITOR_AGGREGATION__": str(int(mon.aggregation)),
+        "__MONITOR_INTERVAL_S__": str(max(1, mon.interval_s)),
         "__PIN_DIR__": str(pins),
         "__CT_TCP_SIZE__": str(sizes.ct_tcp),
         "__CT_ANY_SIZE__": str(sizes.ct_any),
@@ -74,17 +100,21 @@ class Datapath:
     """
 
     def __init__(self, node: str, *, sizes: MapSizes | None = None,
-                 pin_root: Path = PIN_ROOT) -> None:
+                 pin_root: Path = PIN_ROOT, monitor: MonitorConfig | None = None) -> None:
         self.node = node
+        self.sizes = sizes or MapSizes()
         self.pins = pin_dir(node, pin_root)
         self.pins.mkdir(parents=True, exist_ok=True)
-        self.bpf = BPF(text=render_source(self.pins, sizes or MapSizes()).encode())
+        with _COMPILE_LOCK:  # clang/LLVM inside bcc is not thread-safe
+            self.bpf = BPF(text=render_source(self.pins, self.sizes, monitor).encode())
         self.fn_from = self.bpf.load_func(b"from_container", BPF.SCHED_CLS)
         self.fn_to = self.bpf.load_func(b"to_container", BPF.SCHED_CLS)
         self.maps = NodeMaps.open(self.pins)
         self.applied = DesiredState()
         self.decoder = EventDecoder()
         self._ring_open = False
+        self.ct_counts: dict[str, int] = {}
+        """Entries left per conntrack map after the last GC (for map pressure)."""
 
     # --- attach ----------------------------------------------------------------------------
 
@@ -168,10 +198,14 @@ class Datapath:
         """Delete entries idle past their lifetime; returns how many."""
         now = now_ns if now_ns is not None else time.monotonic_ns()
         removed = 0
-        for m in (self.maps.ct_tcp, self.maps.ct_any):
+        for name, m in (("cil_ct_tcp", self.maps.ct_tcp), ("cil_ct_any", self.maps.ct_any)):
+            kept = 0
             for k, v in list(m.items()):
                 if ct_expired(int(k.proto), int(v.flags), int(v.last_seen_ns), now):
                     removed += int(m.delete(k))
+                else:
+                    kept += 1
+            self.ct_counts[name] = kept
         return removed
 
     def ct_flush(self) -> int:
@@ -193,6 +227,25 @@ class Datapath:
 
     def _on_event(self, _ctx: Any, data: Any, size: int) -> None:
         self.decoder.feed(ctypes.string_at(data, min(size, EVENT_SIZE)))
+
+    def events_lost(self) -> int:
+        """Events the ring buffer refused since this agent loaded the programs (all CPUs)."""
+        return int(sum(self.bpf[b"cil_events_lost"][ctypes.c_int(0)]))
+
+    def metrics(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """{(drop reason or 0 for forwarded, direction): (packets, bytes)}, summed over CPUs."""
+        out: dict[tuple[int, int], tuple[int, int]] = {}
+        table = self.bpf[b"cil_metrics"]
+        for idx in range(METRICS_SLOTS):
+            per_cpu = table[ctypes.c_int(idx)]
+            packets = sum(int(v.packets) for v in per_cpu)
+            if packets:
+                out[(idx >> 2, idx & 3)] = (packets, sum(int(v.bytes) for v in per_cpu))
+        return out
+
+    def program_info(self) -> list[dict[str, Any]]:
+        return [{"name": fn.name.decode(), "type": "sched_cls", "fd": fn.fd}
+                for fn in (self.fn_from, self.fn_to)]
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ node's address. Nothing has a route to the real uplink, so no test packet leaves
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup/unified/ciliate")
 GATEWAY_IP = "169.254.1.1"
 NODE_SUBNET = ipaddress.IPv4Network("10.99.0.0/24")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+LOCK_DIR = Path("/run/ciliate")
 
 
 def short_hash(*parts: str, length: int = 10) -> str:
@@ -105,8 +108,13 @@ def enter_cgroup(cgroup: str) -> None:
 def create_pod(
     *, node: str, node_netns: str, namespace: str, name: str, ip: str,
     tcp_ports: list[int], udp_ports: list[int], salt: str = "", state_dir: Path | None = None,
+    on_link: Callable[[str, str], None] | None = None,
 ) -> PodSandbox:
-    """Netns + veth + addresses + routes + static neighbours + cgroup + server process."""
+    """Netns + veth + addresses + routes + static neighbours + cgroup + server process.
+
+    ``on_link(host_ifname, node_netns)`` runs as soon as the host veth exists, before the pod
+    has an address: the agent attaches its programs there, so no packet passes unjudged.
+    """
     h = short_hash(salt, node, namespace, name)
     pod_ns = f"cil-{h}"
     host_if = lxc_name(salt, node, namespace, name)
@@ -123,6 +131,8 @@ def create_pod(
             ipr.link("set", index=tmp_idx, net_ns_fd=pod_ns)
             ipr.link("set", index=host_idx, state="up")
             host_mac = ipr.get_links(host_idx)[0].get_attr("IFLA_ADDRESS")
+        if on_link is not None:
+            on_link(host_if, node_netns)
         with IPRoute(netns=pod_ns) as ipr:
             idx = ipr.link_lookup(ifname=tmp_if)[0]
             ipr.link("set", index=idx, ifname="eth0")
@@ -166,6 +176,16 @@ def _start_server(rec: PodRecord, tcp: list[int], udp: list[int]) -> subprocess.
         proc.wait()
         raise RuntimeError(f"pod server for {rec.namespace}/{rec.name} did not start")
     return proc
+
+
+def release_pod(pod: PodSandbox) -> None:
+    """Leave the pod running for the next agent: drop our pipe and child handle to its server
+    (it stays in the pod's cgroup, where delete_pod finds and kills it later)."""
+    if pod.server is not None:
+        if pod.server.stdout:
+            pod.server.stdout.close()
+        pod.server.returncode = 0  # not ours to reap any more; silences Popen's "still running"
+        pod.server = None
 
 
 def delete_pod(pod: PodSandbox, state_dir: Path | None = None) -> None:
@@ -212,7 +232,9 @@ def _rmdir_ok(p: Path) -> bool:
 def write_record(state_dir: Path, rec: PodRecord) -> None:
     d = state_dir / "pods"
     d.mkdir(parents=True, exist_ok=True)
-    (d / f"{rec.key}.json").write_text(json.dumps(asdict(rec)))
+    tmp = d / f".{rec.key}.json.tmp"
+    tmp.write_text(json.dumps(asdict(rec)))
+    tmp.replace(d / f"{rec.key}.json")  # readers never see a half-written record
 
 
 def read_record(state_dir: Path, namespace: str, name: str) -> PodRecord:
@@ -241,6 +263,123 @@ class NodeSandbox:
     pods: dict[str, PodSandbox] = field(default_factory=dict)
 
 
+def node_ip_for(name: str) -> str:
+    """A node's address on the dev bridge, the same in every agent: ``node-N`` gets .N, other
+    names a stable hashed host number (100..249)."""
+    prefix, _, num = name.rpartition("-")
+    if prefix and num.isdigit() and 1 <= int(num) <= 99:
+        host = int(num)
+    else:
+        host = 100 + int(short_hash(name), 16) % 150
+    return str(NODE_SUBNET.network_address + host)
+
+
+def bridge_netns_name(salt: str) -> str:
+    return f"cil-{short_hash(salt, 'bridge')}"
+
+
+def node_netns_name(salt: str, name: str) -> str:
+    return f"cil-{short_hash(salt, 'node', name)}"
+
+
+@contextlib.contextmanager
+def cluster_lock(salt: str) -> Any:
+    """Serialises bridge and node set-up between agents (separate processes) of one cluster."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    path = LOCK_DIR / f"devcluster-{short_hash(salt, 'lock')}.lock"
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_bridge(salt: str) -> str:
+    """The bridge namespace of cluster ``salt``; created by whichever agent comes first."""
+    ns = bridge_netns_name(salt)
+    if ns not in netns.listnetns():
+        netns.create(ns)
+    with IPRoute(netns=ns) as ipr:
+        if not ipr.link_lookup(ifname="br0"):
+            ipr.link("add", ifname="br0", kind="bridge")
+        ipr.link("set", index=ipr.link_lookup(ifname="br0")[0], state="up")
+    return ns
+
+
+def ensure_node(salt: str, name: str, ip: str | None = None) -> NodeSandbox:
+    """Node ``name``'s namespace joined to the bridge; adopts it when it already exists."""
+    ip = ip or node_ip_for(name)
+    bridge = ensure_bridge(salt)
+    node_ns = node_netns_name(salt, name)
+    node = NodeSandbox(name, node_ns, ip)
+    if node_ns in netns.listnetns():
+        with IPRoute(netns=node_ns) as ipr:
+            if ipr.link_lookup(ifname="eth0"):
+                return node
+        netns.remove(node_ns)  # half-made by an agent that died: start over
+    netns.create(node_ns)
+    br_if = "n" + short_hash(salt, name, length=12)
+    with IPRoute(netns=bridge) as ipr:
+        for stale in ipr.link_lookup(ifname=br_if):
+            ipr.link("del", index=stale)
+        ipr.link("add", ifname=br_if, kind="veth", peer="eth0")
+        br_idx = ipr.link_lookup(ifname=br_if)[0]
+        peer_idx = ipr.link_lookup(ifname="eth0")[0]
+        ipr.link("set", index=peer_idx, net_ns_fd=node_ns)
+        ipr.link("set", index=br_idx, master=ipr.link_lookup(ifname="br0")[0], state="up")
+    with IPRoute(netns=node_ns) as ipr:
+        idx = ipr.link_lookup(ifname="eth0")[0]
+        ipr.link("set", index=idx, state="up")
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        ipr.addr("add", index=idx, address=ip, prefixlen=NODE_SUBNET.prefixlen)
+    _sysctl(node_ns, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0")
+    return node
+
+
+def remove_node(salt: str, name: str) -> None:
+    """Remove node ``name``'s namespace and cgroup, and the bridge once no node uses it."""
+    node_ns = node_netns_name(salt, name)
+    if node_ns in netns.listnetns():
+        netns.remove(node_ns)
+    cg = CGROUP_ROOT / (salt + name)
+    if cg.exists():
+        _rmdir_ok(cg)
+    bridge = bridge_netns_name(salt)
+    if bridge not in netns.listnetns():
+        return
+    with IPRoute(netns=bridge) as ipr:
+        br = ipr.link_lookup(ifname="br0")
+        ports = [link for link in ipr.get_links() if br and link.get_attr("IFLA_MASTER") == br[0]]
+    if not ports:
+        netns.remove(bridge)
+
+
+def set_remote_route(node_netns: str, ip: str, via: str | None) -> None:
+    """Route a pod on another node (``via`` its node address), or remove it (``via`` None)."""
+    with IPRoute(netns=node_netns) as ipr:
+        if via is None:
+            with contextlib.suppress(Exception):
+                ipr.route("del", dst=f"{ip}/32")
+        else:
+            ipr.route("replace", dst=f"{ip}/32", gateway=via)
+
+
+def adopt_pod(state_dir: Path, namespace: str, name: str) -> PodSandbox | None:
+    """A pod an earlier agent made (record, namespace and host veth still there), else None."""
+    try:
+        rec = read_record(state_dir, namespace, name)
+    except (LookupError, ValueError, TypeError):
+        return None
+    if rec.netns not in netns.listnetns():
+        return None
+    with IPRoute(netns=rec.node_netns) as ipr:
+        if not ipr.link_lookup(ifname=rec.ifname):
+            return None
+    return PodSandbox(rec)
+
+
 @dataclass
 class DevCluster:
     """Nodes joined by a bridge in a namespace with no uplink; per-pod /32 routes between them.
@@ -254,37 +393,13 @@ class DevCluster:
     bridge_netns: str = ""
 
     def __post_init__(self) -> None:
-        self.bridge_netns = f"cil-{short_hash(self.salt, 'bridge')}"
-
-    def _ensure_bridge(self) -> None:
-        if self.bridge_netns in netns.listnetns():
-            return
-        netns.create(self.bridge_netns)
-        with IPRoute(netns=self.bridge_netns) as ipr:
-            ipr.link("add", ifname="br0", kind="bridge")
-            ipr.link("set", index=ipr.link_lookup(ifname="br0")[0], state="up")
+        self.bridge_netns = bridge_netns_name(self.salt)
 
     def add_node(self, name: str) -> NodeSandbox:
-        self._ensure_bridge()
         ip = str(NODE_SUBNET.network_address + len(self.nodes) + 1)
-        node_ns = f"cil-{short_hash(self.salt, 'node', name)}"
-        node = NodeSandbox(name, node_ns, ip)
+        with cluster_lock(self.salt):
+            node = ensure_node(self.salt, name, ip)
         self.nodes[name] = node
-        netns.create(node_ns)
-        br_if = "n" + short_hash(self.salt, name, length=12)
-        with IPRoute(netns=self.bridge_netns) as ipr:
-            ipr.link("add", ifname=br_if, kind="veth", peer="eth0")
-            br_idx = ipr.link_lookup(ifname=br_if)[0]
-            peer_idx = ipr.link_lookup(ifname="eth0")[0]
-            ipr.link("set", index=peer_idx, net_ns_fd=node_ns)
-            ipr.link("set", index=br_idx, master=ipr.link_lookup(ifname="br0")[0], state="up")
-        with IPRoute(netns=node_ns) as ipr:
-            idx = ipr.link_lookup(ifname="eth0")[0]
-            ipr.link("set", index=idx, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            ipr.addr("add", index=idx, address=ip, prefixlen=NODE_SUBNET.prefixlen)
-        _sysctl(node_ns, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0")
         return node
 
     def add_pod(self, node: str, namespace: str, name: str, ip: str,

@@ -1,12 +1,462 @@
-"""Wires the datapath service (skeleton: starts, registers, answers health)."""
+"""Wires the datapath agent (one per node): KV `endpoints`/`ipcache`/`policy`/`identities`/`nodes`
+in, pod sandboxes (dev mode), BPF maps and tc programs, flow events out on ``flows.<node>``.
+
+Every blocking kernel operation (bcc compile, netlink, map writes, ring-buffer polls) runs on a
+worker thread, so the asyncio loop keeps serving NATS, heartbeats and /metrics.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from pyroute2 import config as pyroute2_config
+
+from ciliate.api import REGISTRY_KEY
+from ciliate.bus import BatchPublisher, Bucket, KVMirror
+from ciliate.bus.subjects import flows as flows_subject
+from ciliate.flows.tables import TrafficDirection, drop_reason_text
 from ciliate.runner import ServiceContext, ServiceSpec
+
+from .core.flows import FlowContext, event_to_flow
+from .core.model import EndpointFlag, EnforcementMode
+from .core.plan import DesiredState, desired_state
+from .loader import Datapath, MapSizes, MonitorAggregation, MonitorConfig
+from .maps import PIN_ROOT
+from .sandbox import (
+    PodSandbox,
+    adopt_pod,
+    cluster_lock,
+    create_pod,
+    delete_pod,
+    ensure_node,
+    node_ip_for,
+    release_pod,
+    remove_node,
+    set_remote_route,
+    short_hash,
+)
+
+T = TypeVar("T")
+
+DEBOUNCE_S = 0.05
+MAX_ERRORS = 20
+SMALL_MAPS = MapSizes(ct_tcp=8192, ct_any=8192, ipcache=4096, endpoints=1024, policy=16384,
+                      events_pages=64)
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    return value.lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Agent options: ``Settings.extra`` first (tests), then ``CILIATE_*`` environment."""
+
+    node: str
+    state_dir: Path
+    dev_mode: bool
+    teardown: bool
+    """On shutdown remove sandboxes, node and pinned maps (the dev default: Ctrl-C on
+    ``ciliate up`` removes the dev cluster). Off: filters and maps stay, so a restart keeps
+    connections."""
+    cluster: str
+    pin_root: Path
+    sizes: MapSizes
+    enforcement: EnforcementMode
+    audit: bool
+    monitor: MonitorConfig
+    ct_gc_interval_s: float
+    metrics_interval_s: float
+
+    @classmethod
+    def from_context(cls, ctx: ServiceContext) -> AgentConfig:
+        s = ctx.settings
+
+        def opt(key: str) -> str | None:
+            return s.extra.get(key.lower()) or os.environ.get(f"CILIATE_{key}")
+
+        return cls(
+            node=s.node,
+            state_dir=s.state_dir,
+            dev_mode=s.dev_mode,
+            teardown=_flag(opt("DEV_TEARDOWN"), s.dev_mode),
+            cluster=opt("DEV_CLUSTER") or short_hash(str(s.state_dir.resolve()), length=6),
+            pin_root=Path(opt("BPF_PIN_ROOT") or PIN_ROOT),
+            sizes=SMALL_MAPS if opt("BPF_MAP_SIZES") == "small" else MapSizes(),
+            enforcement=EnforcementMode(opt("POLICY_ENFORCEMENT") or "default"),
+            audit=_flag(opt("POLICY_AUDIT_MODE"), False),
+            monitor=MonitorConfig(
+                MonitorAggregation[(opt("MONITOR_AGGREGATION") or "medium").upper()],
+                int(opt("MONITOR_AGGREGATION_INTERVAL") or 5)),
+            ct_gc_interval_s=float(opt("CT_GC_INTERVAL") or 30),
+            metrics_interval_s=float(opt("METRICS_INTERVAL") or 5),
+        )
+
+
+@dataclass
+class Snapshot:
+    """What /metrics and status show, refreshed off the loop."""
+
+    counters: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    map_usage: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (entries, max)
+    enforcement: dict[str, int] = field(default_factory=dict)
+
+
+class AgentCollector(Collector):
+    """Cilium's agent metric names, from the last snapshot (scrapes never touch the kernel)."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        snap = self.snapshot()
+        drops = CounterMetricFamily("cilium_drop_count", "Total dropped packets",
+                                    labels=("reason", "direction"))
+        forwards = CounterMetricFamily("cilium_forward_count", "Total forwarded packets",
+                                       labels=("direction",))
+        for (reason, direction), (packets, _) in sorted(snap.counters.items()):
+            dname = _direction_name(direction)
+            if reason == 0:
+                forwards.add_metric((dname,), packets)
+            else:
+                drops.add_metric((drop_reason_text(reason), dname), packets)
+        yield drops
+        yield forwards
+        pressure = GaugeMetricFamily("cilium_bpf_map_pressure",
+                                     "Fill percentage of a BPF map (0..1)", labels=("map_name",))
+        for name, (entries, size) in sorted(snap.map_usage.items()):
+            pressure.add_metric((name,), entries / size if size else 0.0)
+        yield pressure
+        enforcement = GaugeMetricFamily("cilium_policy_endpoint_enforcement_status",
+                                        "Endpoints by policy enforcement", labels=("enforcement",))
+        for name, n in sorted(snap.enforcement.items()):
+            enforcement.add_metric((name,), n)
+        yield enforcement
+
+
+def _direction_name(direction: int) -> str:
+    if direction in TrafficDirection._value2member_map_:
+        return TrafficDirection(direction).name
+    return "UNKNOWN"
+
+
+def enforcement_counts(state: DesiredState) -> dict[str, int]:
+    """Endpoints per enforcement ("ingress", "egress", "both", "none"), as Cilium counts them."""
+    out = {"ingress": 0, "egress": 0, "both": 0, "none": 0}
+    seen: set[int] = set()
+    for ep in state.endpoints.values():
+        if ep.endpoint_id in seen:
+            continue
+        seen.add(ep.endpoint_id)
+        i = EndpointFlag.ENFORCE_INGRESS in ep.flags
+        e = EndpointFlag.ENFORCE_EGRESS in ep.flags
+        out["both" if i and e else "ingress" if i else "egress" if e else "none"] += 1
+    return out
+
+
+def remote_routes(node: str, endpoints: Mapping[str, Mapping[str, Any]],
+                  nodes: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """{pod IP: node address} for pods on other nodes whose node has registered an address."""
+    out: dict[str, str] = {}
+    for ep in endpoints.values():
+        other = str(ep.get("node", ""))
+        if other == node or other not in nodes:
+            continue
+        addresses = nodes[other].get("addresses") or []
+        if not addresses:
+            continue
+        for ip in ep.get("ips", ()):
+            if ":" not in str(ip):
+                out[str(ip)] = str(addresses[0])
+    return out
+
+
+def local_pods(node: str, endpoints: Mapping[str, Mapping[str, Any]]
+               ) -> dict[str, Mapping[str, Any]]:
+    """Endpoints of ``node`` that have an IPv4 address, by KV key."""
+    return {k: ep for k, ep in endpoints.items()
+            if ep.get("node") == node and any(":" not in str(ip) for ip in ep.get("ips", ()))}
+
+
+def _pod_ip(ep: Mapping[str, Any]) -> str:
+    return next(str(ip) for ip in ep.get("ips", ()) if ":" not in str(ip))
+
+
+def _ports(ep: Mapping[str, Any], proto: str) -> list[int]:
+    return sorted({int(p["port"]) for p in ep.get("ports", ()) if p.get("protocol") == proto})
+
+
+class DatapathAgent:
+    def __init__(self, ctx: ServiceContext, cfg: AgentConfig) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="datapath-worker")
+        self.poller = ThreadPoolExecutor(1, thread_name_prefix="datapath-events")
+        self.dp: Datapath | None = None
+        self.node_netns: str | None = None
+        self.node_ip = node_ip_for(cfg.node) if cfg.dev_mode else ""
+        self.pods: dict[str, PodSandbox] = {}
+        self.routes: dict[str, str] = {}
+        self.applied = DesiredState()
+        self.snapshot = Snapshot()
+        self.flow_ctx = FlowContext(cfg.node)
+        self.dirty = asyncio.Event()
+        self.mirrors: dict[Bucket, KVMirror] = {}
+        self.publisher: BatchPublisher | None = None
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.lost_seen = 0
+        self.syncs = 0
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    def error(self, message: str) -> None:
+        self.ctx.log.error("%s", message)
+        errors: list[str] = self.ctx.status.setdefault("errors", [])
+        errors.append(message)
+        del errors[:-MAX_ERRORS]
+
+    # --- start ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        # pyroute2 forks helpers for namespace work; a forked child that inherits asyncio's
+        # signal wake-up fd would turn pyroute2's SIGTERM of that child into our shutdown.
+        pyroute2_config.disable_mp_signal = True
+        if cfg.dev_mode:
+            def make_node() -> str:
+                with cluster_lock(cfg.cluster):
+                    return ensure_node(cfg.cluster, cfg.node, self.node_ip).netns
+            self.node_netns = await self._run(make_node)
+        self.dp = await self._run(lambda: Datapath(cfg.node, sizes=cfg.sizes,
+                                                   pin_root=cfg.pin_root, monitor=cfg.monitor))
+        self.applied = await self._run(self.dp.read_state)
+        self.publisher = BatchPublisher(self.ctx.bus, flows_subject(cfg.node), source=cfg.node)
+        self.publisher.start()
+        await self.register_node()
+        for bucket in (Bucket.ENDPOINTS, Bucket.IPCACHE, Bucket.POLICY, Bucket.IDENTITIES,
+                       Bucket.NODES):
+            mirror = KVMirror(await self.ctx.bus.kv(bucket), self._changed)
+            self.mirrors[bucket] = mirror
+            self.tasks.append(self.ctx.spawn(mirror.run(), name=f"mirror-{bucket.value}"))
+        self.tasks += [
+            self.ctx.spawn(self.reconcile_loop(), name="reconcile"),
+            self.ctx.spawn(self.events_loop(), name="events"),
+            self.ctx.spawn(self.gc_loop(), name="ct-gc"),
+            self.ctx.spawn(self.metrics_loop(), name="metrics"),
+        ]
+        self.ctx.app[REGISTRY_KEY].register(AgentCollector(lambda: self.snapshot))
+        self.ctx.status.update({
+            "node": cfg.node, "dev_mode": cfg.dev_mode, "enforcement": cfg.enforcement.value,
+            "audit": cfg.audit, "monitor_aggregation": cfg.monitor.aggregation.name.lower(),
+            "programs": self.dp.program_info(), "synced": False,
+        })
+        self.ctx.on_shutdown(self.stop)
+
+    async def register_node(self) -> None:
+        kv = await self.ctx.bus.kv(Bucket.NODES)
+        value: dict[str, Any] = {"name": self.cfg.node,
+                                 "addresses": [self.node_ip] if self.node_ip else [],
+                                 "started": time.time(), "dev_mode": self.cfg.dev_mode}
+        await kv.put(self.cfg.node, value)
+
+    async def _changed(self, key: str, old: Any, new: Any) -> None:
+        self.dirty.set()
+
+    # --- desired state -> sandboxes, maps, routes ---------------------------------------------
+
+    async def reconcile_loop(self) -> None:
+        for bucket, mirror in self.mirrors.items():
+            self.ctx.status["waiting_for"] = bucket.value
+            await mirror.synced.wait()
+        self.ctx.status.pop("waiting_for", None)
+        # Nothing is written before every bucket's snapshot is complete: a restarted agent
+        # would otherwise delete entries that are merely not yet known.
+        while True:
+            self.dirty.clear()
+            try:
+                await self.reconcile()
+                self.ctx.status["synced"] = True
+            except Exception as exc:  # keep the agent alive; retry on the next change
+                self.error(f"reconcile failed: {exc!r}")
+                await asyncio.sleep(1.0)
+                self.dirty.set()
+            await self.dirty.wait()
+            await asyncio.sleep(DEBOUNCE_S)  # debounce: coalesce a burst of KV changes
+
+    def _values(self, bucket: Bucket) -> dict[str, Any]:
+        return dict(self.mirrors[bucket].values)
+
+    async def reconcile(self) -> None:
+        assert self.dp is not None
+        endpoints = self._values(Bucket.ENDPOINTS)
+        policies: dict[int, Mapping[str, Any]] = {}
+        for key, pol in self._values(Bucket.POLICY).items():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                policies[int(pol.get("identity", key))] = pol
+        desired = desired_state(node=self.cfg.node, endpoints=endpoints.values(),
+                                ipcache=self._values(Bucket.IPCACHE).values(), policies=policies,
+                                mode=self.cfg.enforcement, audit=self.cfg.audit)
+        self.flow_ctx = FlowContext.build(self.cfg.node, endpoints.values(),
+                                          self._values(Bucket.IDENTITIES).values(),
+                                          time.time_ns() - time.monotonic_ns())
+        want = local_pods(self.cfg.node, endpoints)
+        # Sandboxes whose endpoint went (or changed address) go first, then the maps are
+        # synced in planned order, then new sandboxes attach to already-written maps.
+        for key in [k for k, pod in self.pods.items()
+                    if k not in want or pod.ip != _pod_ip(want[k])]:
+            await self._run(self._remove_pod, key)
+        written = await self._run(self.dp.sync, desired)
+        self.applied = desired
+        self.syncs += 1
+        for key, ep in sorted(want.items()):
+            if key not in self.pods:
+                try:
+                    await self._run(self._add_pod, key, ep)
+                except Exception as exc:
+                    self.error(f"pod {key}: sandbox failed: {exc!r}")
+        if self.node_netns is not None:
+            routes = remote_routes(self.cfg.node, endpoints, self._values(Bucket.NODES))
+            await self._run(self._sync_routes, routes)
+        self.ctx.status.update({"endpoints": len(want), "sandboxes": len(self.pods),
+                                "map_writes": written, "syncs": self.syncs})
+        self.snapshot.enforcement = enforcement_counts(desired)
+
+    def _add_pod(self, key: str, ep: Mapping[str, Any]) -> None:
+        assert self.dp is not None
+        namespace, name = str(ep["namespace"]), str(ep["name"])
+        pod = adopt_pod(self.cfg.state_dir, namespace, name)
+        if pod is not None and (pod.record.node != self.cfg.node or pod.ip != _pod_ip(ep)):
+            pod = None
+        if pod is None:
+            if not self.cfg.dev_mode or self.node_netns is None:
+                return  # outside dev mode the runtime makes pods; we attach what we find
+            pod = create_pod(node=self.cfg.node, node_netns=self.node_netns,
+                             namespace=namespace, name=name, ip=_pod_ip(ep),
+                             tcp_ports=_ports(ep, "TCP"), udp_ports=_ports(ep, "UDP"),
+                             salt=self.cfg.cluster, state_dir=self.cfg.state_dir,
+                             on_link=self.dp.attach)
+        else:
+            self.dp.attach(pod.ifname, pod.record.node_netns)  # replace an older agent's filters
+        self.pods[key] = pod
+
+    def _remove_pod(self, key: str) -> None:
+        pod = self.pods.pop(key)
+        if self.cfg.dev_mode:
+            delete_pod(pod, state_dir=self.cfg.state_dir)
+
+    def _sync_routes(self, want: dict[str, str]) -> None:
+        assert self.node_netns is not None
+        for ip, via in want.items():
+            if self.routes.get(ip) != via:
+                set_remote_route(self.node_netns, ip, via)
+                self.routes[ip] = via
+        for ip in [ip for ip in self.routes if ip not in want]:
+            set_remote_route(self.node_netns, ip, None)
+            del self.routes[ip]
+
+    # --- events, conntrack GC, metrics -------------------------------------------------------
+
+    def _poll(self) -> tuple[list[dict[str, Any]], int]:
+        assert self.dp is not None
+        return self.dp.poll_events(100), self.dp.events_lost()
+
+    async def events_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            events, lost = await loop.run_in_executor(self.poller, self._poll)
+            assert self.publisher is not None
+            for ev in events:
+                self.publisher.add(event_to_flow(ev, self.flow_ctx).to_wire())
+            if lost > self.lost_seen:
+                self.publisher.lost(lost - self.lost_seen)
+                self.lost_seen = lost
+            self.ctx.status["flows"] = {"published": self.publisher.published_total,
+                                        "lost": self.publisher.lost_total}
+
+    async def gc_loop(self) -> None:
+        assert self.dp is not None
+        while True:
+            try:
+                removed = await self._run(self.dp.ct_gc)
+                self.ctx.status["ct_gc_removed"] = (self.ctx.status.get("ct_gc_removed", 0)
+                                                    + removed)
+            except Exception as exc:
+                self.error(f"conntrack GC failed: {exc!r}")
+            await asyncio.sleep(self.cfg.ct_gc_interval_s)
+
+    def _read_metrics(self) -> Snapshot:
+        assert self.dp is not None
+        sizes = self.cfg.sizes
+        usage = {
+            "cil_ipcache": (len(self.applied.ipcache), sizes.ipcache),
+            "cil_lxc": (len(self.applied.endpoints), sizes.endpoints),
+            "cil_policy": (len(self.applied.policy), sizes.policy),
+            "cil_ct_tcp": (self.dp.ct_counts.get("cil_ct_tcp", 0), sizes.ct_tcp),
+            "cil_ct_any": (self.dp.ct_counts.get("cil_ct_any", 0), sizes.ct_any),
+        }
+        return Snapshot(self.dp.metrics(), usage, self.snapshot.enforcement)
+
+    async def metrics_loop(self) -> None:
+        while True:
+            try:
+                self.snapshot = await self._run(self._read_metrics)
+                self.ctx.status["maps"] = [
+                    {"name": n, "max_entries": size, "entries": used,
+                     "pressure": round(used / size, 4) if size else 0.0}
+                    for n, (used, size) in sorted(self.snapshot.map_usage.items())]
+            except Exception as exc:
+                self.error(f"metrics read failed: {exc!r}")
+            await asyncio.sleep(self.cfg.metrics_interval_s)
+
+    # --- shutdown ---------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.to_thread(self.poller.shutdown, True)  # no poll may outlive the maps
+        if self.publisher is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.publisher.stop(), 2)
+        if self.cfg.teardown:
+            await self._run(self._teardown)
+            with contextlib.suppress(Exception):
+                kv = await self.ctx.bus.kv(Bucket.NODES)
+                await asyncio.wait_for(kv.delete(self.cfg.node), 2)
+        else:
+            for pod in self.pods.values():
+                release_pod(pod)
+            if self.dp is not None:
+                await self._run(self.dp.close)  # filters and pinned maps stay for the next agent
+        await asyncio.to_thread(self.worker.shutdown, True)
+
+    def _teardown(self) -> None:
+        for key in list(self.pods):
+            with contextlib.suppress(Exception):
+                self._remove_pod(key)
+        if self.dp is not None:
+            self.dp.destroy()
+        if self.cfg.dev_mode:
+            with cluster_lock(self.cfg.cluster):
+                remove_node(self.cfg.cluster, self.cfg.node)
 
 
 async def setup(ctx: ServiceContext) -> None:
-    ctx.status["state"] = "skeleton"
+    agent = DatapathAgent(ctx, AgentConfig.from_context(ctx))
+    await agent.start()
 
 
-SPEC = ServiceSpec(name="datapath", setup=setup, per_node=True)
+SPEC = ServiceSpec(name="datapath", setup=setup, per_node=True, needs_root=True)

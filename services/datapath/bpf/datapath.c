@@ -31,12 +31,25 @@
 #define TCPF_ACK 0x10
 
 #define MSG_DROP 1
+#define MSG_TRACE 4
 #define MSG_POLICY_VERDICT 5
 #define VERDICT_FORWARDED 1
 #define VERDICT_DROPPED 2
 #define VERDICT_AUDIT 4
 #define DROP_POLICY_DENIED 133
 #define DROP_POLICY_DENY 181
+
+// Monitor aggregation (Cilium's --monitor-aggregation): 0 none = a trace event per packet;
+// >= 3 medium = per connection and direction only when new TCP flags appear or the report
+// interval passed; >= 4 maximum = only on new TCP flags.
+#define MONITOR_AGGREGATION __MONITOR_AGGREGATION__
+#define MONITOR_INTERVAL_S __MONITOR_INTERVAL_S__
+#define AGG_MEDIUM 3
+#define AGG_MAXIMUM 4
+#define TRACE_FLAGS (TCPF_SYN | TCPF_FIN | TCPF_RST | TCPF_ACK)
+
+// Metrics index: reason * 4 + direction (reason 0 = forwarded).
+#define METRICS_SLOTS 1024
 
 #define WORLD_IDENTITY 2
 #define POLICY_FULL_PREFIX 96
@@ -133,6 +146,25 @@ BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, cil_ct_any,
                  __CT_ANY_SIZE__, "__PIN_DIR__/cil_ct_any");
 BPF_RINGBUF_OUTPUT(cil_events, __EVENTS_PAGES__);
 
+struct metrics_val {
+    u64 packets;
+    u64 bytes;
+};
+
+// Per-CPU counters read by the agent: packets/bytes per (drop reason or 0, direction), and
+// events the ring buffer refused (reported as LostEvent records, never silently).
+BPF_PERCPU_ARRAY(cil_metrics, struct metrics_val, METRICS_SLOTS);
+BPF_PERCPU_ARRAY(cil_events_lost, u64, 1);
+
+static __always_inline void count(u8 reason, u8 dir, u32 len) {
+    u32 idx = ((u32)reason << 2) | dir;
+    struct metrics_val *m = cil_metrics.lookup(&idx);
+    if (m) {
+        m->packets += 1;
+        m->bytes += len;
+    }
+}
+
 struct pkt {
     u32 saddr;
     u32 daddr;
@@ -210,7 +242,7 @@ static __always_inline void ct_touch(struct ct_val *e, struct pkt *p, u32 len, i
 
 static __always_inline void emit(struct pkt *p, struct __sk_buff *skb, u8 type, u8 verdict,
                                  u8 reason, u8 dir, u32 src_id, u32 dst_id, u32 ep_id,
-                                 u8 match) {
+                                 u8 match, u8 is_reply) {
     struct flow_event ev = {};
     ev.ts_ns = bpf_ktime_get_ns();
     ev.src_identity = src_id;
@@ -228,9 +260,41 @@ static __always_inline void emit(struct pkt *p, struct __sk_buff *skb, u8 type, 
     ev.direction = dir;
     ev.proto = p->proto;
     ev.tcp_flags = p->tcp_flags;
-    ev.is_reply = 0;
+    ev.is_reply = is_reply;
     ev.match_type = match;
-    cil_events.ringbuf_output(&ev, sizeof(ev), 0);
+    if (cil_events.ringbuf_output(&ev, sizeof(ev), 0) != 0) {
+        u32 zero = 0;
+        u64 *lost = cil_events_lost.lookup(&zero);
+        if (lost)
+            *lost += 1;
+    }
+}
+
+// Trace events for packets of known connections, aggregated: ct_val.pad holds the TCP flags
+// already reported per side (bits 0-7 original direction, 8-15 reply) and the last report
+// time in seconds (bits 16-31, wrapping).
+static __always_inline void trace(struct ct_val *e, struct pkt *p, struct __sk_buff *skb, u8 dir,
+                                  int reply) {
+    u32 src_id = dir == DIR_EGRESS ? e->local_identity : e->peer_identity;
+    u32 dst_id = dir == DIR_EGRESS ? e->peer_identity : e->local_identity;
+    if (MONITOR_AGGREGATION < AGG_MEDIUM) {
+        emit(p, skb, MSG_TRACE, VERDICT_FORWARDED, 0, dir, src_id, dst_id, 0, 0, reply);
+        return;
+    }
+    u32 state = e->pad;
+    u32 shift = reply ? 8 : 0;
+    u32 seen = (state >> shift) & 0xff;
+    u32 flags = p->tcp_flags & TRACE_FLAGS;
+    u32 now_s = (u32)(bpf_ktime_get_ns() / 1000000000ULL) & 0xffff;
+    u32 last_s = state >> 16;
+    int report = (flags | seen) != seen;
+    if (!report && MONITOR_AGGREGATION < AGG_MAXIMUM && ((now_s - last_s) & 0xffff) >= MONITOR_INTERVAL_S)
+        report = 1;
+    if (!report)
+        return;
+    seen |= flags;
+    e->pad = (now_s << 16) | (state & ~(0xffu << shift) & 0xffff) | (seen << shift);
+    emit(p, skb, MSG_TRACE, VERDICT_FORWARDED, 0, dir, src_id, dst_id, 0, 0, reply);
 }
 
 static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
@@ -253,6 +317,8 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
     struct ct_val *e = ct_lookup(&k);
     if (e && !syn_only) {
         ct_touch(e, &p, skb->len, 0);
+        trace(e, &p, skb, dir, 0);
+        count(0, dir, skb->len);
         return TC_ACT_OK;
     }
     if (!e) {
@@ -263,6 +329,8 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
         struct ct_val *re = ct_lookup(&r);
         if (re) {
             ct_touch(re, &p, skb->len, 1);
+            trace(re, &p, skb, dir, 1);
+            count(0, dir, skb->len);
             return TC_ACT_OK;
         }
     }
@@ -285,8 +353,12 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
     if (p.tcp_flags & TCPF_RST)
         nv.flags |= CT_RST;
 
+    // The first packet's flags count as reported (the verdict event stands for them).
+    nv.pad = (((u32)(nv.created_ns / 1000000000ULL) & 0xffff) << 16) | (p.tcp_flags & TRACE_FLAGS);
     if (!(ep_flags & enforce_bit)) {
         ct_create(&k, &nv);
+        count(0, dir, skb->len);
+        emit(&p, skb, MSG_TRACE, VERDICT_FORWARDED, 0, dir, src_id, dst_id, ep_id, 0, 0);
         return TC_ACT_OK;
     }
 
@@ -322,16 +394,20 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
     }
     if (reason == 0) {
         ct_create(&k, &nv);
-        emit(&p, skb, MSG_POLICY_VERDICT, VERDICT_FORWARDED, 0, dir, src_id, dst_id, ep_id, match);
+        count(0, dir, skb->len);
+        emit(&p, skb, MSG_POLICY_VERDICT, VERDICT_FORWARDED, 0, dir, src_id, dst_id, ep_id, match,
+             0);
         return TC_ACT_OK;
     }
     if (ep_flags & EP_AUDIT) {
         ct_create(&k, &nv);
+        count(0, dir, skb->len);
         emit(&p, skb, MSG_POLICY_VERDICT, VERDICT_AUDIT, reason, dir, src_id, dst_id, ep_id,
-             match);
+             match, 0);
         return TC_ACT_OK;
     }
-    emit(&p, skb, MSG_DROP, VERDICT_DROPPED, reason, dir, src_id, dst_id, ep_id, match);
+    count(reason, dir, skb->len);
+    emit(&p, skb, MSG_DROP, VERDICT_DROPPED, reason, dir, src_id, dst_id, ep_id, match, 0);
     return TC_ACT_SHOT;
 }
 

@@ -23,7 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..core.events import EVENT_SIZE, EventDecoder
 from ..maps import PIN_ROOT
-from .core.model import LbMap, LbOp, LbState, desired_state, plan
+from .core.model import LbIndex, LbMap, LbOp, LbState, plan
 from .maps import (
     U32C,
     U64C,
@@ -120,6 +120,8 @@ class LbDatapath:
         self.fn_np_out = self.bpf.load_func(b"nodeport_egress", BPF.SCHED_CLS)
         self.maps = LbMaps.open(self.pins)
         self.warnings: list[str] = []
+        self.index = LbIndex(node, maglev_m)
+        self._applied: LbState | None = None
         self.decoder = EventDecoder()
         self._ring_open = False
         self._cgroups: list[str] = []
@@ -188,16 +190,29 @@ class LbDatapath:
         for addr in set(have) - set(want):
             self.maps.node_addrs.delete(_addr_key(addr))
 
-    def desired(self, lb_kv: dict[str, dict[str, Any]]) -> LbState:
-        state, self.warnings = desired_state(lb_kv, self.node, maglev_m=self.maglev_m)
-        return state
-
     def sync(self, lb_kv: dict[str, dict[str, Any]]) -> int:
         """Make the maps hold what ``lb_kv`` (the whole KV `lb` content) says for this node;
-        returns the number of map writes."""
-        current = self.maps.read_state(self.maglev_m, with_tables=False)
-        ops = plan(current, self.desired(lb_kv))
-        return self.apply(ops)
+        returns the number of map writes. The first call diffs against what the pinned maps
+        hold (a restarted agent converges without a flush); later ones against what this
+        instance wrote."""
+        index = LbIndex(self.node, self.maglev_m)
+        index.load(lb_kv)
+        if self._applied is None:
+            self._applied = self.maps.read_state(self.maglev_m, with_tables=False)
+        n = self.apply(plan(self._applied, index.state))
+        self.index = index
+        self._applied = index.state
+        self.warnings = [w for ws in index.warnings.values() for w in ws]
+        return n
+
+    def update(self, key: str, value: dict[str, Any] | None) -> int:
+        """One KV `lb` event (``value`` None = deleted): only that Service's entries (or the
+        Services using that table) are recomputed and written. Call ``sync`` once first."""
+        if self._applied is None:
+            raise RuntimeError("update() before the first sync()")
+        n = self.apply(self.index.update(key, value))
+        self._applied = self.index.state
+        return n
 
     def apply(self, ops: Iterable[LbOp]) -> int:
         n = 0

@@ -91,7 +91,7 @@ def test_denied_connections_emit_drop_events_with_reason_and_identities(
     assert "SYN" in default_deny["tcp_flags"]
     assert dropped(flows, "POLICY_DENY", OTHER)[0]["drop_reason"] == 181
     allowed = [f for f in flows if f["verdict"] == "FORWARDED" and f["dst_port"] == 80
-               and f["src_identity"] == CLIENT]
+               and f["src_identity"] == CLIENT and f["type"] == "POLICY_VERDICT"]
     assert allowed and allowed[0]["policy_match_type"] == "L3_L4"
     # Per-entry counters count what matched.
     counters = {(k.peer, v.deny): packets for k, v, packets, _ in dp.maps.policy_entries()}

@@ -295,3 +295,128 @@ def dangling(state: LbState) -> list[str]:
             if SvcKey(k.address, k.port, k.proto, slot, k.scope) not in state.services:
                 bad.append(f"{k} -> missing slot {slot}")
     return bad
+
+
+# --- incremental: one KV key at a time -------------------------------------------------------
+
+
+class LbIndex:
+    """The merged desired state kept per Service fragment, so one KV event costs one Service's
+    work (not a rebuild of every Service): ``update(key, value)`` returns the ordered ops.
+
+    Entries shared between Services (a backend id, a Maglev table) are reference-counted and
+    leave the maps only with their last user.
+    """
+
+    def __init__(self, node: str, maglev_m: int | None = None) -> None:
+        self.node = node
+        self.maglev_m = maglev_m
+        self.state = LbState()
+        self.tables: dict[str, dict[str, Any]] = {}
+        self.services: dict[str, Mapping[str, Any]] = {}
+        self.fragments: dict[str, LbState] = {}
+        self.users: dict[str, set[str]] = {}  # table key -> svc keys
+        self.refs: dict[tuple[LbMap, Any], int] = {}
+        self.warnings: dict[str, list[str]] = {}
+
+    def load(self, lb_kv: Mapping[str, Mapping[str, Any]]) -> None:
+        """Start from a whole bucket (no ops: pair with ``plan(maps, self.state)``)."""
+        for k, v in lb_kv.items():
+            if k.startswith("tbl."):
+                self.tables[k] = dict(v)
+        for k, v in lb_kv.items():
+            if k.startswith("svc."):
+                self._set_service(k, v)
+
+    def update(self, key: str, value: Mapping[str, Any] | None) -> list[LbOp]:
+        touched: set[str] = set()
+        if key.startswith("tbl."):
+            if value is None:
+                # The lb deletes a table once no Service points at it; a Service that still
+                # does keeps its copy until its own update (re-deriving it now from its
+                # possibly stale value could roll back a backend another Service updated).
+                self.tables.pop(key, None)
+                return []
+            self.tables[key] = dict(value)
+            touched = set(self.users.get(key, ()))
+        elif key.startswith("svc."):
+            touched = {key}
+            if value is None:
+                self.services.pop(key, None)
+        before = _restrict(self.state, self._keys_of(touched))
+        for sk in touched:
+            v = value if sk == key else self.services.get(sk)
+            if v is None and sk == key and key.startswith("svc."):
+                self._drop_service(sk)
+            elif v is not None:
+                self._set_service(sk, v)
+        after_keys = self._keys_of(touched) | _all_keys(before)
+        return plan(before, _restrict(self.state, after_keys))
+
+    def _keys_of(self, svc_keys: Iterable[str]) -> set[tuple[LbMap, Any]]:
+        out: set[tuple[LbMap, Any]] = set()
+        for sk in svc_keys:
+            frag = self.fragments.get(sk)
+            if frag is not None:
+                out |= _all_keys(frag)
+        return out
+
+    def _set_service(self, key: str, value: Mapping[str, Any]) -> None:
+        self._drop_service(key)
+        self.services[key] = value
+        refs: set[str] = {t for t in value.get("tables", {}).values() if t}
+        for per_node in value.get("local_tables", {}).values():
+            refs |= {t for t in per_node.values() if t}
+        tables = {t: self.tables[t] for t in refs if t in self.tables}
+        frag, warnings = desired_state({key: value, **tables}, self.node, maglev_m=self.maglev_m)
+        for t in refs:
+            self.users.setdefault(t, set()).add(key)
+        self.fragments[key] = frag
+        self.warnings[key] = warnings
+        for (m, k), v in _entries(frag):
+            self.refs[(m, k)] = self.refs.get((m, k), 0) + 1
+            _target(self.state, m)[k] = v
+
+    def _drop_service(self, key: str) -> None:
+        frag = self.fragments.pop(key, None)
+        self.warnings.pop(key, None)
+        for users in self.users.values():
+            users.discard(key)
+        if frag is None:
+            return
+        for (m, k), _v in _entries(frag):
+            n = self.refs.get((m, k), 0) - 1
+            if n <= 0:
+                self.refs.pop((m, k), None)
+                _target(self.state, m).pop(k, None)
+            else:
+                self.refs[(m, k)] = n
+
+
+def _target(state: LbState, m: LbMap) -> dict[Any, Any]:
+    if m is LbMap.SERVICES:
+        return state.services
+    if m is LbMap.BACKENDS:
+        return state.backends
+    if m is LbMap.REVNAT:
+        return state.revnat
+    return state.maglev
+
+
+def _entries(state: LbState) -> Iterable[tuple[tuple[LbMap, Any], Any]]:
+    for m in LbMap:
+        for k, v in _target(state, m).items():
+            yield (m, k), v
+
+
+def _all_keys(state: LbState) -> set[tuple[LbMap, Any]]:
+    return {mk for mk, _v in _entries(state)}
+
+
+def _restrict(state: LbState, keys: set[tuple[LbMap, Any]]) -> LbState:
+    out = LbState()
+    for m, k in keys:
+        src = _target(state, m)
+        if k in src:
+            _target(out, m)[k] = src[k]
+    return out
