@@ -1,7 +1,7 @@
 """Debug commands over the pinned maps (read without bcc) and ``pod exec`` for dev-mode pods.
 
-Entry points: ``bpf`` (group: ``ct list global``, ``policy get``, ``ipcache list``) and ``pod``
-(group: ``exec NS/NAME -- CMD...``).
+Entry points: ``bpf`` (group: ``ct list global``, ``policy get``, ``ipcache list``), ``pod``
+(group: ``exec NS/NAME -- CMD...``) and ``monitor`` (the raw event stream).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import click
 from .core.conntrack import CTFlag
 from .core.events import PROTO_NAMES
 from .maps import PIN_ROOT, NodeMaps
+from .monitor import MonitorType
 from .sandbox import default_state_dir, pod_exec, read_record
 
 
@@ -139,3 +140,41 @@ def exec_(target: str, cmd: tuple[str, ...], state_dir: Path | None) -> None:
     except LookupError as e:
         raise click.ClickException(str(e)) from None
     sys.exit(pod_exec(rec, list(cmd)))
+
+
+@click.command()
+@click.option("-t", "--type", "types", multiple=True,
+              type=click.Choice([t.value for t in MonitorType]),
+              help="only these event types (repeatable; default all)")
+@click.option("--related-to", "related_to", multiple=True, type=int,
+              help="only events to or from this endpoint ID (repeatable)")
+@click.option("--node", "nodes", multiple=True, help="only this node's events (repeatable)")
+@click.option("-n", "--numeric", is_flag=True, help="reserved identities as numbers")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("--max-events", type=int, default=0, help="stop after this many (0 = follow)")
+def monitor(types: tuple[str, ...], related_to: tuple[int, ...], nodes: tuple[str, ...],
+            numeric: bool, output: str, max_events: int) -> None:
+    """The datapath's raw event stream (drops, traces, policy verdicts), as cilium monitor."""
+    import asyncio
+    import contextlib
+
+    from ciliate.client import ContextMissing, connect_bus
+
+    from .monitor import follow
+
+    async def run() -> None:
+        try:
+            bus = await connect_bus(name="ciliate-monitor")
+        except ContextMissing as e:
+            raise click.ClickException(str(e)) from None
+        try:
+            if output == "text":
+                click.echo("Listening for events on flows.* (press Ctrl-C to quit)", err=True)
+            await follow(bus, click.echo, nodes=nodes, types=[MonitorType(t) for t in types],
+                         related_to=related_to, output=output, numeric=numeric,
+                         max_events=max_events)
+        finally:
+            await bus.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
