@@ -354,6 +354,8 @@ class PolicyService:
                 touched |= set(self.engine.replace_policies(policy_set, self._cidr_id))
         engine = self.engine
         pending, self._pending_ids = self._pending_ids, {}
+        fresh = {i for i, labels in pending.items()
+                 if labels is not None and i not in engine.compiled}
         for ident, labels in sorted(pending.items()):
             current = engine.cache.identities.get(ident)
             if labels is None:
@@ -373,7 +375,8 @@ class PolicyService:
             touched = set(engine.compiled) | {int(k) for k in self.published if k.isdigit()}
         self.stats["last_compile_ms"] = round((time.perf_counter() - started) * 1000, 2)
         self.stats["compiles"] += 1
-        await self._publish(touched)
+        await self._publish(touched & fresh)  # a new pod's own map first: it waits on it
+        await self._publish(touched - fresh)
         self._retry_delay = RETRY_MIN
         self.ctx.status.pop("last_error", None)
         self.ctx.status.pop("database", None)

@@ -1,0 +1,206 @@
+"""Policy benchmark: full compile of 1,000 identities x 500 policies, and the latency from one
+new identity in KV ``identities`` to its entries in KV ``policy`` (NATS round trips included).
+
+Run from the repository root: ``.venv/bin/python -m bench.policy [--samples N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ciliate.bus import Bucket, Bus
+from ciliate.bus.subjects import IDENTITY_ALLOCATE
+from ciliate.config import Settings
+from ciliate.labels import CIDR_IDENTITY_BASE, LabelSet
+from ciliate.labels.k8s import endpoint_labels
+from ciliate.resources.registry import parse_resource
+from ciliate.runner import run_service
+from ciliate.stack.nats import NatsServer
+from ciliate.stack.ports import free_port
+from ciliate.store import Database, ResourceRepository
+from ciliate.store.database import sqlite_url
+from ciliate.store.migrate import upgrade_async
+from services.policy.core.compile import IdentityWorld, PolicyEngine
+from services.policy.core.spec import normalize
+from services.policy.core.synthetic import GROUPS, TIERS, generate
+from services.policy.core.world import SequentialCIDRAllocator, reserved_identities
+from services.policy.service import SPEC
+
+TOKEN = "bench"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def full_compile(seed: int) -> dict[str, Any]:
+    synthetic = generate(seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    policy_set = normalize([parse_resource(d) for d in synthetic.policy_docs])  # type: ignore[misc]
+    t1 = time.perf_counter()
+    engine = PolicyEngine(policy_set,
+                          IdentityWorld({**reserved_identities(), **synthetic.identities}),
+                          allocate_cidr=SequentialCIDRAllocator())
+    result = engine.compile_all()
+    t2, c2 = time.perf_counter(), time.process_time()
+    sizes = [len(p.entries) for p in result.policies.values()]
+    return {
+        "identities": len(synthetic.identities),
+        "policies": len(synthetic.policy_docs),
+        "rules": len(policy_set.rules),
+        "parse_normalize_s": round(t1 - t0, 3),
+        "compile_s": round(t2 - t1, 3),
+        "total_wall_s": round(t2 - t0, 3),
+        "total_cpu_s": round(c2 - c0, 3),
+        "entries_total": sum(sizes),
+        "entries_max": max(sizes),
+        "entries_mean": round(statistics.mean(sizes), 1),
+        "overflows": len(result.overflows),
+    }
+
+
+async def _store_policies(db_url: str, docs: list[dict[str, Any]]) -> None:
+    db = Database(db_url)
+    async with db.unit_of_work() as uow:
+        repo = ResourceRepository(uow.session)
+        for doc in docs:
+            res = parse_resource(doc)
+            await repo.apply(res.model_dump(mode="json", by_alias=True, exclude_none=True))
+        await uow.commit()
+    await db.close()
+
+
+async def incremental(seed: int, samples: int, state: Path) -> dict[str, Any]:
+    synthetic = generate(seed)
+    nats = NatsServer(state)
+    nats.start()
+    db_url = sqlite_url(state / "ciliate.db")
+    await upgrade_async(db_url)
+    await _store_policies(db_url, synthetic.policy_docs)
+    bus = await Bus.connect(nats.url, name="bench")
+    ident_kv = await bus.kv(Bucket.IDENTITIES)
+    all_ids = {**reserved_identities(), **synthetic.identities}
+    for ident, labels in all_ids.items():
+        await ident_kv.put(str(ident), {"id": ident, "labels": labels.sorted_strings()})
+    assigned: dict[str, int] = {}
+
+    async def allocate(payload: Any) -> Any:
+        """Stands in for the identity service: CIDR identities into KV ``identities``."""
+        ids = []
+        for labels in payload["labels"]:
+            key = ";".join(sorted(labels))
+            ident = assigned.setdefault(key, CIDR_IDENTITY_BASE + 1 + len(assigned))
+            await ident_kv.put(str(ident), {"id": ident, "labels": sorted(labels)})
+            ids.append(ident)
+        return {"ids": ids}
+
+    await bus.serve(IDENTITY_ALLOCATE, allocate)
+    arrivals: dict[str, float] = {}
+    policy_kv = await bus.kv(Bucket.POLICY)
+
+    arrived = asyncio.Event()
+
+    async def watch() -> None:
+        async for ev in policy_kv.watch():
+            if ev.key and not ev.deleted:
+                arrivals.setdefault(ev.key, time.perf_counter())
+                arrived.set()
+
+    async def until_arrived(keys: set[str]) -> None:
+        while not keys <= set(arrivals):
+            arrived.clear()
+            await arrived.wait()
+
+    watcher = asyncio.create_task(watch())
+    port = free_port()
+    stop = asyncio.Event()
+    settings = Settings(nats_url=nats.url, db_url=db_url, token=TOKEN, node="bench",
+                        state_dir=state, http_port=port)
+    started = time.perf_counter()
+    service = asyncio.create_task(run_service(SPEC, settings, stop))
+    session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
+
+    async def status() -> dict[str, Any]:
+        for _ in range(10_000):
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/v1/status") as resp:
+                    return await resp.json()  # type: ignore[no-any-return]
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.01)
+        raise RuntimeError("the policy service never answered")
+
+    await asyncio.wait_for(until_arrived({str(i) for i in synthetic.identities}), 600)
+    first_publish = time.perf_counter() - started
+    own: list[float] = []
+    settled: list[float] = []
+    for n in range(samples):
+        ident = 100_000 + n
+        ns = f"bench-new-{n}"
+        new_labels: LabelSet = endpoint_labels(
+            {"app": "new", "tier": f"t{n % TIERS}", "group": f"g{n % GROUPS}"}, ns,
+            {"kubernetes.io/metadata.name": ns})
+        before = (await status()).get("compiles", 0)
+        t0 = time.perf_counter()
+        await ident_kv.put(str(ident), {"id": ident, "labels": new_labels.sorted_strings()})
+        await asyncio.wait_for(until_arrived({str(ident)}), 60)
+        own.append(arrivals[str(ident)] - t0)
+        for _ in range(100_000):  # the compile that took it in has published everything
+            if (await status()).get("compiles", 0) > before:
+                break
+            await asyncio.sleep(0.002)
+        settled.append(time.perf_counter() - t0)
+    stop.set()
+    await service
+    watcher.cancel()
+    await session.close()
+    await bus.close()
+    nats.stop()
+    own_ms = sorted(x * 1000 for x in own)
+    settled_ms = sorted(x * 1000 for x in settled)
+
+    def pct(values: list[float], q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))], 2)
+
+    return {
+        "samples": samples,
+        "startup_to_all_published_s": round(first_publish, 2),
+        "own_entries_p50_ms": pct(own_ms, 0.5),
+        "own_entries_p99_ms": pct(own_ms, 0.99),
+        "all_deltas_p50_ms": pct(settled_ms, 0.5),
+        "all_deltas_p99_ms": pct(settled_ms, 0.99),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.policy")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=100)
+    args = parser.parse_args()
+    compile_runs = [full_compile(args.seed) for _ in range(3)]
+    best = min(compile_runs, key=lambda r: r["total_wall_s"])
+    memory_after_compile = peak_rss_mb()
+    with tempfile.TemporaryDirectory() as tmp:
+        inc = asyncio.run(incremental(args.seed, args.samples, Path(tmp)))
+    with open("/proc/loadavg") as fh:
+        load = fh.read().split()[0]
+    report = {
+        "machine": f"{platform.machine()}, Python {platform.python_version()}, load {load}",
+        "full_compile_best_of_3": best,
+        "full_compile_wall_s_all": [r["total_wall_s"] for r in compile_runs],
+        "peak_rss_mb_after_compiles": round(memory_after_compile, 1),
+        "incremental": inc,
+        "peak_rss_mb_total": round(peak_rss_mb(), 1),
+    }
+    print(json.dumps(report, indent=1))
+    return 0
