@@ -15,7 +15,7 @@ import click
 
 from ..maps import PIN_ROOT
 from .core.model import PROTO_NAMES, SvcFlag, table_backend_ids
-from .maps import U64C, LbMaps, backend_val_py, read_maglev_inner, svc_key_py, svc_val_py
+from .maps import LbMaps, backend_val_py, svc_key_py, svc_val_py
 
 TYPE_NAMES = (
     (SvcFlag.CLUSTER_IP, "ClusterIP"), (SvcFlag.NODEPORT, "NodePort"),
@@ -23,11 +23,12 @@ TYPE_NAMES = (
 )
 
 
-def _nodes(node: str | None, root: Path) -> Iterator[tuple[str, LbMaps]]:
+def _nodes(node: str | None, root: Path,
+           maglev_m: int = 16381) -> Iterator[tuple[str, LbMaps]]:
     dirs = ([root / f"{node}-lb"] if node else
             sorted(p for p in root.glob("*-lb") if (p / "lb4_services").exists()))
     for d in dirs:
-        maps = LbMaps.open(d)
+        maps = LbMaps.open(d, maglev_m)
         try:
             yield d.name.removesuffix("-lb"), maps
         finally:
@@ -123,7 +124,7 @@ def maglev() -> None:
 def maglev_list(node: str | None, pin_root: Path, output: str, maglev_m: int) -> None:
     """Per service (rev-NAT id): its table's backend ids (``cilium-dbg bpf lb maglev list``)."""
     result: dict[str, dict[str, list[int]]] = {}
-    for name, maps in _nodes(node, pin_root):
+    for name, maps in _nodes(node, pin_root, maglev_m):
         per_svc: dict[str, list[int]] = {}
         tables: dict[int, list[int]] = {}
         for r in lb_rows(maps):
@@ -131,9 +132,8 @@ def maglev_list(node: str | None, pin_root: Path, output: str, maglev_m: int) ->
             if not tid:
                 continue
             if tid not in tables:
-                inner = maps.maglev.get(U64C(tid))
-                tables[tid] = (table_backend_ids(read_maglev_inner(int(inner.v), maglev_m * 4))
-                               if inner is not None else [])
+                raw = maps.maglev_table(tid)
+                tables[tid] = table_backend_ids(raw) if raw is not None else []
             per_svc[str(r["rev_nat_id"])] = tables[tid]
         result[name] = per_svc
     if output == "json":

@@ -31,7 +31,6 @@ from .maps import (
     LbMaps,
     NodeAddrValC,
     backend_val_c,
-    create_maglev_inner,
     ip_c,
     lb_pin_dir,
     revnat_val_c,
@@ -118,7 +117,7 @@ class LbDatapath:
                          for name, at in SOCK_PROGRAMS}
         self.fn_np_in = self.bpf.load_func(b"nodeport_ingress", BPF.SCHED_CLS)
         self.fn_np_out = self.bpf.load_func(b"nodeport_egress", BPF.SCHED_CLS)
-        self.maps = LbMaps.open(self.pins)
+        self.maps = LbMaps.open(self.pins, maglev_m)
         self.warnings: list[str] = []
         self.index = LbIndex(node, maglev_m)
         self._applied: LbState | None = None
@@ -241,11 +240,7 @@ class LbDatapath:
         elif op.value is None:
             m.maglev.delete(U64C(op.key))
         else:
-            fd = create_maglev_inner(op.value)
-            try:
-                m.maglev.put(U64C(op.key), U32C(fd))
-            finally:
-                os.close(fd)
+            m.maglev.put(U64C(op.key), m.maglev.val_type.from_buffer_copy(op.value))
 
     def affinity_flush(self) -> int:
         return sum(int(self.maps.affinity.delete(k)) for k in list(self.maps.affinity.keys()))

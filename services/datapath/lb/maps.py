@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..maps import PIN_ROOT, PinnedMap, _bpf
+from ..maps import PIN_ROOT, PinnedMap
 from .core.model import (
     BackendFlag,
     BackendState,
@@ -136,56 +135,12 @@ def revnat_val_py(c: RevNatValC) -> RevNatValue:
     return RevNatValue(ip_py(c.address), socket.ntohs(int(c.port)))
 
 
-# --- Maglev: an outer hash-of-maps whose values are inner one-element arrays -------------------
+# --- Maglev: a hash from table id to the whole table ------------------------------------------
 
-_BPF_MAP_CREATE = 0
-_BPF_MAP_GET_FD_BY_ID = 14
-_BPF_MAP_TYPE_ARRAY = 2
-
-
-class _MapCreateAttr(ctypes.Structure):
-    _fields_ = (("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
-                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
-                ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
-                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16),
-                ("rest", ctypes.c_uint8 * 64))
-
-
-class _GetFdAttr(ctypes.Structure):
-    _fields_ = (("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
-                ("open_flags", ctypes.c_uint32))
-
-
-def create_maglev_inner(table: bytes) -> int:
-    """A new one-element array holding ``table``; returns its fd (caller closes it once the
-    outer map holds it)."""
-    attr = _MapCreateAttr(_BPF_MAP_TYPE_ARRAY, 4, len(table), 1, 0, 0, 0, b"lb4_maglev_in")
-    fd = _bpf(_BPF_MAP_CREATE, attr)
-    try:
-        key = U32C(0)
-        buf = ctypes.create_string_buffer(table, len(table))
-        from ..maps import _BPF_MAP_UPDATE_ELEM, _MapElemAttr
-
-        _bpf(_BPF_MAP_UPDATE_ELEM, _MapElemAttr(fd, 0, ctypes.addressof(key),
-                                                ctypes.addressof(buf), 0))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def read_maglev_inner(map_id: int, size: int) -> bytes:
-    fd = _bpf(_BPF_MAP_GET_FD_BY_ID, _GetFdAttr(map_id, 0, 0))
-    try:
-        from ..maps import _BPF_MAP_LOOKUP_ELEM, _MapElemAttr
-
-        key = U32C(0)
-        buf = ctypes.create_string_buffer(size)
-        _bpf(_BPF_MAP_LOOKUP_ELEM, _MapElemAttr(fd, 0, ctypes.addressof(key),
-                                                ctypes.addressof(buf), 0))
-        return buf.raw
-    finally:
-        os.close(fd)
+def maglev_table_type(m: int) -> type[ctypes.Structure]:
+    """The value layout for tables of ``m`` slots (``struct maglev_inner``)."""
+    return type(f"MaglevTable{m}", (ctypes.Structure,),
+                {"_fields_": (("backend_ids", ctypes.c_uint32 * m),)})
 
 
 @dataclass
@@ -198,10 +153,10 @@ class LbMaps:
     affinity: PinnedMap[AffinityKeyC, AffinityValC]
     node_addrs: PinnedMap[U32C, NodeAddrValC]
     ct: PinnedMap[CtKeyC, CtValC]
-    maglev: PinnedMap[U64C, U32C]
+    maglev: PinnedMap[U64C, Any]
 
     @classmethod
-    def open(cls, pins: Path) -> LbMaps:
+    def open(cls, pins: Path, maglev_m: int = 16381) -> LbMaps:
         return cls(
             services=PinnedMap(pins / "lb4_services", SvcKeyC, SvcValC),
             backends=PinnedMap(pins / "lb4_backends", BackendKeyC, BackendValC),
@@ -209,7 +164,7 @@ class LbMaps:
             affinity=PinnedMap(pins / "lb4_affinity", AffinityKeyC, AffinityValC),
             node_addrs=PinnedMap(pins / "lb4_node_addrs", U32C, NodeAddrValC),
             ct=PinnedMap(pins / "lb4_ct", CtKeyC, CtValC),
-            maglev=PinnedMap(pins / "lb4_maglev", U64C, U32C),
+            maglev=PinnedMap(pins / "lb4_maglev", U64C, maglev_table_type(maglev_m)),
         )
 
     def close(self) -> None:
@@ -224,10 +179,15 @@ class LbMaps:
             backends={int(k.id): backend_val_py(v) for k, v in self.backends.items()},
             revnat={int(k.v): revnat_val_py(v) for k, v in self.revnat.items()},
         )
-        for k, v in self.maglev.items():
-            st.maglev[int(k.v)] = (read_maglev_inner(int(v.v), maglev_m * 4) if with_tables
-                                   else b"")
+        if with_tables:
+            st.maglev = {int(k.v): bytes(v) for k, v in self.maglev.items()}
+        else:
+            st.maglev = {int(k.v): b"" for k in self.maglev.keys()}  # noqa: SIM118
         return st
+
+    def maglev_table(self, table_id: int) -> bytes | None:
+        v = self.maglev.get(U64C(table_id))
+        return bytes(v) if v is not None else None
 
 
 def lb_pin_dir(node: str, root: Path = PIN_ROOT) -> Path:
