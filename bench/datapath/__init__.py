@@ -1,0 +1,1 @@
+"""Datapath benchmark: ``python -m bench.datapath [--write] [--quick]``."""
