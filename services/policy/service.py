@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
 import sqlalchemy as sa
 from aiohttp import web
 
@@ -54,7 +55,8 @@ DB_POLL = 1.0
 """Seconds between checks for policies another replica stored."""
 ALLOCATE_TIMEOUT = 2.0
 RETRY_MIN, RETRY_MAX = 0.5, 10.0
-PUBLISH_CONCURRENCY = 64
+PUBLISH_CONCURRENCY = 16
+"""Puts in flight at once (values can be 100 KB+: more only makes JetStream time out)."""
 
 NamedPortMap = dict[tuple[str, int], frozenset[int]]
 
@@ -130,6 +132,7 @@ class PolicyService:
         self.overflows: dict[int, str] = {}
         self._pending_ids: dict[int, LabelSet | None] = {}
         self._pending_ports: set[int] = set()
+        self._unpublished: set[int] = set()
         self._policies_dirty = True
         self._fingerprint: tuple[tuple[str, str, str, int], ...] | None = None
         self._wake = asyncio.Event()
@@ -333,7 +336,7 @@ class PolicyService:
 
     async def _process(self) -> None:
         started = time.perf_counter()
-        touched: set[int] = set()
+        touched, self._unpublished = self._unpublished, set()
         full = False
         if self._policies_dirty or self.engine is None:
             policy_set = await self._load_policy_set()
@@ -377,7 +380,9 @@ class PolicyService:
         self.stats["compiles"] += 1
         await self._publish(touched & fresh)  # a new pod's own map first: it waits on it
         await self._publish(touched - fresh)
-        self._retry_delay = RETRY_MIN
+        if not self._unpublished:
+            self._retry_delay = RETRY_MIN
+        self.ctx.status["unpublished"] = len(self._unpublished)
         self.ctx.status.pop("last_error", None)
         self.ctx.status.pop("database", None)
         self.ready.set()
@@ -419,13 +424,19 @@ class PolicyService:
             async with semaphore:
                 desired = self._desired(ident)
                 key = kv_key(ident)
-                if desired is None:
-                    if key in self.published:
-                        await self._delete(key)
-                    return
-                await self._put(key, desired)
+                try:
+                    if desired is None:
+                        if key in self.published:
+                            await self._delete(key)
+                        return
+                    await self._put(key, desired)
+                except (nats.errors.Error, TimeoutError, OSError) as exc:
+                    self._unpublished.add(ident)
+                    self.ctx.log.warning("policy %s not published (%s); retrying", key, exc)
 
         await asyncio.gather(*(one(i) for i in sorted(set(idents))))
+        if self._unpublished:
+            self._retry_later()
 
     async def _put(self, key: str, body: dict[str, Any]) -> None:
         """Write only a changed value; the revision counts up per key; a racing replica that
