@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
@@ -45,7 +46,10 @@ class Database:
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(pool_size=10, max_overflow=20)
+            # A stack runs several processes against one server (PostgreSQL's default limit is
+            # 100 connections): keep each process's share small; CILIATE_DB_POOL raises it.
+            size = int(os.environ.get("CILIATE_DB_POOL", "5"))
+            kwargs.update(pool_size=size, max_overflow=size)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
