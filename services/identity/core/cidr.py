@@ -13,8 +13,10 @@ import ipaddress
 from ciliate.labels import LabelSet
 
 CIDR_SOURCE = "cidr"
-CIDR_SCOPE_SOURCES = frozenset({CIDR_SOURCE, "reserved"})
-"""A label set of only these sources, with at least one ``cidr:`` label, is a CIDR identity."""
+CIDR_SCOPE_SOURCES = frozenset({CIDR_SOURCE, "reserved", "fqdn"})
+"""A label set of only these sources, with at least one ``cidr:`` label, is a CIDR identity.
+
+``fqdn:`` labels ride along on addresses learned from DNS answers (toFQDNs), as in Cilium."""
 
 
 class PrefixError(ValueError):

@@ -81,3 +81,12 @@ def test_parser_cache_agrees_with_labelset(labels: list[str]) -> None:
         assert parsed == direct and hash(parsed) == hash(direct)
         assert parsed.canonical() == direct.canonical()
     assert len(parser.cache) <= 3
+
+
+def test_addresses_learned_from_dns_are_cidr_identities() -> None:
+    from ciliate.labels import LabelSet
+    from services.identity.core.cidr import is_cidr_label_set
+
+    learned = LabelSet.from_strings(["cidr:1.2.3.4/32", "reserved:world", "fqdn:api.ciliate.test"])
+    assert is_cidr_label_set(learned)
+    assert not is_cidr_label_set(LabelSet.from_strings(["fqdn:api.ciliate.test", "k8s:app=x"]))
