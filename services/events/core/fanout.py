@@ -22,10 +22,14 @@ DEFAULT_QUEUE = 4096
 
 
 class Follower:
-    """One subscriber: a filter, a bounded queue, its drop count, a wake-up event."""
+    """One subscriber: a filter, a bounded queue of batches, its drop count, a wake-up event.
 
-    __slots__ = ("_event", "_queue", "closed", "dropped_total", "id", "maxlen", "pending_drops",
-                 "query")
+    The queue holds the selected part of each published batch as one chunk (a list), so
+    delivery costs one append per batch, not per record; ``maxlen`` bounds the records held.
+    """
+
+    __slots__ = ("_event", "_queue", "_queued", "closed", "dropped_total", "id", "maxlen",
+                 "pending_drops", "query", "select", "select_key")
 
     def __init__(self, follower_id: int, query: FlowQuery, maxlen: int) -> None:
         if maxlen < 1:
@@ -33,53 +37,66 @@ class Follower:
         self.id = follower_id
         self.query = query
         self.maxlen = maxlen
-        self._queue: deque[Wire] = deque()
+        self._queue: deque[list[Wire]] = deque()
+        self._queued = 0
         self.pending_drops = 0
         self.dropped_total = 0
         self.closed = False
         self._event = asyncio.Event()
+        if query.since_ns is None and query.until_ns is None:
+            self.select = query.filters.select
+            self.select_key: object = query.filters.key
+        else:
+            accepts = query.accepts
+            self.select = lambda batch: [w for w in batch if accepts(w)]
+            self.select_key = ("window", follower_id)
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return self._queued
 
     def offer(self, w: Wire) -> bool:
         """Queue ``w`` if it passes the filter and there is room; count a drop otherwise."""
         if not self.query.accepts(w):
             return False
-        if len(self._queue) >= self.maxlen:
-            self.pending_drops += 1
-            self.dropped_total += 1
-            self._event.set()
-            return False
-        self._queue.append(w)
-        self._event.set()
-        return True
+        return self.put([w]) == 1
 
     def offer_many(self, batch: list[Wire]) -> int:
         """Queue the records of ``batch`` that pass the filter, as far as there is room."""
-        q = self.query
-        if q.since_ns is None and q.until_ns is None:
-            match = q.filters.match
-            accepted = [w for w in batch if match(w)]
-        else:
-            accepted = [w for w in batch if q.accepts(w)]
-        if not accepted:
+        return self.put(self.select(batch))
+
+    def put(self, accepted: list[Wire]) -> int:
+        """Queue already-selected records (kept as one chunk); what does not fit is counted."""
+        n = len(accepted)
+        if not n:
             return 0
-        room = self.maxlen - len(self._queue)
-        if len(accepted) > room:
-            dropped = len(accepted) - max(room, 0)
+        room = self.maxlen - self._queued
+        if n > room:
+            dropped = n - max(room, 0)
             self.pending_drops += dropped
             self.dropped_total += dropped
-            accepted = accepted[: max(room, 0)]
-        self._queue.extend(accepted)
+            self._event.set()
+            if room <= 0:
+                return 0
+            accepted = accepted[:room]
+            n = room
+        self._queue.append(accepted)
+        self._queued += n
         self._event.set()
-        return len(accepted)
+        return n
 
     def drain(self, limit: int | None = None) -> list[Wire]:
         """Take queued records; a LostEvent follows them when records were dropped meanwhile."""
         q = self._queue
-        n = len(q) if limit is None else min(limit, len(q))
-        out = [q.popleft() for _ in range(n)]
+        out: list[Wire] = []
+        want = self._queued if limit is None else min(limit, self._queued)
+        while want:
+            chunk = q.popleft()
+            if len(chunk) > want:
+                q.appendleft(chunk[want:])
+                chunk = chunk[:want]
+            out.extend(chunk)
+            want -= len(chunk)
+        self._queued -= len(out)
         if not q:
             if self.pending_drops:
                 out.append(LostEvent(source=LostEventSource.OBSERVER_EVENTS_QUEUE,
@@ -123,12 +140,16 @@ class Hub:
         self._followers.pop(follower.id, None)
 
     def publish(self, records: Iterable[Wire]) -> None:
-        followers = tuple(self._followers.values())
-        if not followers:
+        """Offer a batch to every follower; followers sharing a filter set select it once."""
+        if not self._followers:
             return
         batch = records if isinstance(records, list) else list(records)
-        for f in followers:
-            f.offer_many(batch)
+        selected: dict[object, list[Wire]] = {}
+        for f in tuple(self._followers.values()):
+            chosen = selected.get(f.select_key)
+            if chosen is None:
+                chosen = selected[f.select_key] = f.select(batch)
+            f.put(chosen)
 
     def followers(self) -> list[Follower]:
         return list(self._followers.values())

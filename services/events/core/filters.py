@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -190,26 +191,29 @@ def _service_pred(key: str, values: list[str], name: str) -> Predicate:
     return pred
 
 
-def _label_pred(key: str, values: list[str], name: str) -> Predicate:
+class _LabelMatches(dict[tuple[str, ...], bool]):
+    """label tuple → whether any selector matches: a dict, so a compiled filter looks a flow's
+    labels up with one subscript and computes only label sets it has not seen (bounded)."""
+
+    def __init__(self, selectors: list[Callable[[Any], bool]]) -> None:
+        super().__init__()
+        self.selectors = selectors
+
+    def __missing__(self, labels: tuple[str, ...]) -> bool:
+        if len(self) >= 4096:
+            self.clear()
+        idx = index_labels(labels)
+        hit = self[labels] = any(s(idx) for s in self.selectors)
+        return hit
+
+
+def _label_expr(env: _Env, key: str, values: list[str], name: str) -> str:
     try:
         selectors = [parse_selector(v) for v in values]
     except SelectorError as err:
         raise FilterError(name, str(err)) from err
-
-    cache: dict[tuple[str, ...], bool] = {}
-
-    def pred(w: Wire) -> bool:
-        labels = tuple(w.get(key, ()))
-        hit = cache.get(labels)
-        if hit is None:
-            idx = index_labels(labels)
-            hit = any(s(idx) for s in selectors)
-            if len(cache) > 4096:
-                cache.clear()
-            cache[labels] = hit
-        return hit
-
-    return pred
+    # tuple() returns a decoded tuple itself; a list (Flow.to_wire) is copied to be hashable.
+    return f"{env.bind(_LabelMatches(selectors))}[{env.bind(tuple)}(w.get({key!r}, ()))]"
 
 
 def _int_set_pred(key: str, values: set[int]) -> Predicate:
@@ -399,123 +403,238 @@ def _reply_pred(values: list[bool]) -> Predicate:
     return pred
 
 
+# --- compilation: one Python expression per filter set, evaluated once per record ------------
+#
+# Each set field becomes an inline expression over the wire dict ``w`` (``w.get("v", 0) in
+# _c3``) where that is a plain lookup, or a call of one of the predicates above where the
+# field needs more (labels, CIDRs, HTTP). A whole whitelist/blacklist pair then compiles to one
+# lambda and one list comprehension over a batch: no Python call per field per record.
+
+
+class _Env:
+    """The constants and helper predicates a generated expression refers to, by name."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, object] = {}
+
+    def bind(self, value: object) -> str:
+        name = f"_c{len(self.names)}"
+        self.names[name] = value
+        return name
+
+    def call(self, pred: Predicate) -> str:
+        return f"{self.bind(pred)}(w)"
+
+    def member(self, key: str, values: object, default: object = 0) -> str:
+        return f"w.get({key!r}, {default!r}) in {self.bind(frozenset(values))}"  # type: ignore[call-overload]
+
+
+def _pod_expr(env: _Env, ns_key: str, name_key: str, values: list[str], name: str) -> str:
+    terms: list[str] = []
+    for v in values:
+        ns, prefix = parse_namespace_name(v)
+        if not ns and not prefix:
+            raise FilterError(name, f"invalid filter, must be [namespace/][<name>], got {v!r}")
+        term = f"w.get({ns_key!r}, '') == {ns!r}"
+        if prefix:
+            term += f" and w.get({name_key!r}, '').startswith({prefix!r})"
+        terms.append(f"({term})")
+    return " or ".join(terms)
+
+
+def _ip_expr(env: _Env, key: str, values: list[str], name: str) -> str:
+    if any("/" in v for v in values):
+        return env.call(_ip_pred(key, values, name))
+    exact: set[str] = set()
+    for v in values:
+        try:
+            exact.add(str(ipaddress.ip_address(v)))
+        except ValueError as err:
+            raise FilterError(name, f"invalid IP or CIDR {v!r}") from err
+    return env.member(key, exact, None)
+
+
+def _port_expr(env: _Env, key: str, values: list[str], name: str) -> str:
+    ports: set[int] = set()
+    for v in values:
+        try:
+            port = int(v)
+        except ValueError as err:
+            raise FilterError(name, f"invalid port {v!r}") from err
+        if not 0 <= port <= 65535:
+            raise FilterError(name, f"invalid port {v!r}")
+        ports.add(port)
+    return f"{env.member('p', _PORTED)} and {env.member(key, ports)}"
+
+
+def _protocol_expr(env: _Env, values: list[str], name: str) -> str:
+    if any(v.lower() in _L7_PROTOCOLS for v in values):
+        return env.call(_protocol_pred(values, name))
+    l4: set[int] = set()
+    for v in values:
+        if v.lower() not in _L4_PROTOCOLS:
+            raise FilterError(name, f"unknown protocol: {v!r}")
+        l4 |= _L4_PROTOCOLS[v.lower()]
+    return env.member("p", l4)
+
+
+def _tcp_flags_expr(env: _Env, values: list[list[str]], name: str) -> str:
+    if len(values) != 1:
+        return env.call(_tcp_flags_pred(values, name))
+    mask = 0
+    for f in values[0]:
+        try:
+            mask |= TCPFlag[f.upper()]
+        except KeyError as err:
+            raise FilterError(name, f"unknown tcp flag: {f}") from err
+    return f"w.get('p') == {int(IPProto.TCP)} and w.get('tf', 0) & {mask} == {mask}"
+
+
+def _node_expr(env: _Env, values: list[str]) -> str:
+    patterns = [v.rpartition("/")[2] if "/" in v else v for v in values]
+    if any(set(p) & set("*?[") for p in patterns):
+        return env.call(_node_pred(values))
+    return env.member("n", patterns, "")
+
+
+def _event_type_expr(env: _Env, values: list[EventTypeFilter]) -> str:
+    if any(e.sub_type is not None for e in values):
+        return env.call(_event_type_pred(values))
+    return env.member("et", {e.type for e in values})
+
+
+def _ip_version_values(values: list[str]) -> set[int]:
+    aliases = {"4": "IPv4", "6": "IPv6", "v4": "IPv4", "v6": "IPv6"}
+    return _enum_values(IPVersion, [aliases.get(v.lower(), v) for v in values], "ip_version")
+
+
+def filter_expr(ff: FlowFilter, env: _Env) -> str:
+    """One FlowFilter as a Python expression over ``w``: every set field must match (AND)."""
+    parts: list[str] = []
+    if ff.uuid:
+        parts.append(env.member("u", ff.uuid, None))
+    if ff.source_ip:
+        parts.append(_ip_expr(env, "sip", ff.source_ip, "source_ip"))
+    if ff.destination_ip:
+        parts.append(_ip_expr(env, "dip", ff.destination_ip, "destination_ip"))
+    if ff.source_pod:
+        parts.append(_pod_expr(env, "sn", "spn", ff.source_pod, "source_pod"))
+    if ff.destination_pod:
+        parts.append(_pod_expr(env, "dn", "dpn", ff.destination_pod, "destination_pod"))
+    if ff.source_service:
+        parts.append(env.call(_service_pred("ssv", ff.source_service, "source_service")))
+    if ff.destination_service:
+        parts.append(env.call(_service_pred("dsv", ff.destination_service,
+                                            "destination_service")))
+    if ff.source_label:
+        parts.append(_label_expr(env, "sl", ff.source_label, "source_label"))
+    if ff.destination_label:
+        parts.append(_label_expr(env, "dl", ff.destination_label, "destination_label"))
+    if ff.source_identity:
+        parts.append(env.member("si", ff.source_identity))
+    if ff.destination_identity:
+        parts.append(env.member("di", ff.destination_identity))
+    if ff.source_port:
+        parts.append(_port_expr(env, "sp", ff.source_port, "source_port"))
+    if ff.destination_port:
+        parts.append(_port_expr(env, "dp", ff.destination_port, "destination_port"))
+    if ff.source_workload:
+        parts.append(env.call(_workload_pred("sw", ff.source_workload)))
+    if ff.destination_workload:
+        parts.append(env.call(_workload_pred("dw", ff.destination_workload)))
+    if ff.verdict:
+        parts.append(env.member("v", _enum_values(Verdict, ff.verdict, "verdict")))
+    if ff.drop_reason_desc:
+        parts.append(env.member("dr", _enum_values(DropReason, ff.drop_reason_desc,
+                                                   "drop_reason_desc")))
+    if ff.event_type:
+        parts.append(_event_type_expr(env, ff.event_type))
+    if ff.protocol:
+        parts.append(_protocol_expr(env, ff.protocol, "protocol"))
+    if ff.http_status_code:
+        parts.append(env.call(_http_status_pred(ff.http_status_code, "http_status_code")))
+    if ff.http_method:
+        parts.append(env.call(_http_method_pred(ff.http_method)))
+    if ff.http_path:
+        parts.append(env.call(_http_path_pred(ff.http_path, "http_path")))
+    if ff.node_name:
+        parts.append(_node_expr(env, ff.node_name))
+    if ff.tcp_flags:
+        parts.append(_tcp_flags_expr(env, ff.tcp_flags, "tcp_flags"))
+    if ff.traffic_direction:
+        parts.append(env.member("td", _enum_values(TrafficDirection, ff.traffic_direction,
+                                                   "traffic_direction")))
+    if ff.ip_version:
+        parts.append(env.member("ipv", _ip_version_values(ff.ip_version)))
+    if ff.reply:
+        parts.append(env.member("rp", ff.reply, None))
+    if not parts:
+        return "True"
+    return " and ".join(f"({p})" for p in parts)
+
+
+def _compile(expr: str, env: _Env, template: str) -> Any:
+    """Build a function from generated source; only our own expressions reach here."""
+    scope: dict[str, Any] = {"__builtins__": {}, **env.names}
+    return eval(template.format(expr=expr), scope)
+
+
 def compile_filter(ff: FlowFilter) -> Predicate:
     """One FlowFilter as a single predicate: every set field must match."""
-    preds: list[Predicate] = []
-    if ff.uuid:
-        uuids = set(ff.uuid)
-        preds.append(lambda w: w.get("u") in uuids)
-    if ff.source_ip:
-        preds.append(_ip_pred("sip", ff.source_ip, "source_ip"))
-    if ff.destination_ip:
-        preds.append(_ip_pred("dip", ff.destination_ip, "destination_ip"))
-    if ff.source_pod:
-        preds.append(_pod_pred("sn", "spn", ff.source_pod, "source_pod"))
-    if ff.destination_pod:
-        preds.append(_pod_pred("dn", "dpn", ff.destination_pod, "destination_pod"))
-    if ff.source_service:
-        preds.append(_service_pred("ssv", ff.source_service, "source_service"))
-    if ff.destination_service:
-        preds.append(_service_pred("dsv", ff.destination_service, "destination_service"))
-    if ff.source_label:
-        preds.append(_label_pred("sl", ff.source_label, "source_label"))
-    if ff.destination_label:
-        preds.append(_label_pred("dl", ff.destination_label, "destination_label"))
-    if ff.source_identity:
-        preds.append(_int_set_pred("si", set(ff.source_identity)))
-    if ff.destination_identity:
-        preds.append(_int_set_pred("di", set(ff.destination_identity)))
-    if ff.source_port:
-        preds.append(_port_pred("sp", ff.source_port, "source_port"))
-    if ff.destination_port:
-        preds.append(_port_pred("dp", ff.destination_port, "destination_port"))
-    if ff.source_workload:
-        preds.append(_workload_pred("sw", ff.source_workload))
-    if ff.destination_workload:
-        preds.append(_workload_pred("dw", ff.destination_workload))
-    if ff.verdict:
-        preds.append(_int_set_pred("v", _enum_values(Verdict, ff.verdict, "verdict")))
-    if ff.drop_reason_desc:
-        preds.append(_int_set_pred(
-            "dr", _enum_values(DropReason, ff.drop_reason_desc, "drop_reason_desc")))
-    if ff.event_type:
-        preds.append(_event_type_pred(ff.event_type))
-    if ff.protocol:
-        preds.append(_protocol_pred(ff.protocol, "protocol"))
-    if ff.http_status_code:
-        preds.append(_http_status_pred(ff.http_status_code, "http_status_code"))
-    if ff.http_method:
-        preds.append(_http_method_pred(ff.http_method))
-    if ff.http_path:
-        preds.append(_http_path_pred(ff.http_path, "http_path"))
-    if ff.node_name:
-        preds.append(_node_pred(ff.node_name))
-    if ff.tcp_flags:
-        preds.append(_tcp_flags_pred(ff.tcp_flags, "tcp_flags"))
-    if ff.traffic_direction:
-        preds.append(_int_set_pred("td", _enum_values(
-            TrafficDirection, ff.traffic_direction, "traffic_direction")))
-    if ff.ip_version:
-        preds.append(_int_set_pred("ipv", _enum_values(IPVersion, [
-            {"4": "IPv4", "6": "IPv6", "v4": "IPv4", "v6": "IPv6"}.get(v.lower(), v)
-            for v in ff.ip_version], "ip_version")))
-    if ff.reply:
-        preds.append(_reply_pred(ff.reply))
-    if not preds:
-        return lambda w: True
-    if len(preds) == 1:
-        return preds[0]
-    frozen = tuple(preds)
+    env = _Env()
+    pred: Predicate = _compile(filter_expr(ff, env), env, "lambda w: {expr}")
+    return pred
 
-    def all_match(w: Wire) -> bool:  # a plain loop: no generator on the hot path
-        for p in frozen:  # noqa: SIM110
-            if not p(w):
-                return False
-        return True
 
-    return all_match
+BatchSelect = Callable[[list[Wire]], list[Wire]]
+"""The records of a batch that pass a filter set, in order."""
 
 
 class FilterSet:
-    """A compiled whitelist/blacklist pair; ``match(record)`` is the hot path."""
+    """A compiled whitelist/blacklist pair: ``match(record)`` and ``select(batch)``.
 
-    __slots__ = ("_black", "_white", "blacklist", "match", "whitelist")
+    ``select`` is the ingest hot path: one list comprehension over the batch with the whole
+    filter set inlined. A filter set that passes everything selects the batch itself.
+    """
+
+    __slots__ = ("blacklist", "expression", "key", "match", "pass_all", "select", "whitelist")
 
     def __init__(self, whitelist: Sequence[FlowFilter] = (),
                  blacklist: Sequence[FlowFilter] = ()) -> None:
         self.whitelist = list(whitelist)
         self.blacklist = list(blacklist)
-        self._white = tuple(compile_filter(f) for f in self.whitelist)
-        self._black = tuple(compile_filter(f) for f in self.blacklist)
-        self.match: Predicate = self._specialise()
+        env = _Env()
+        white = [filter_expr(f, env) for f in self.whitelist]
+        black = [filter_expr(f, env) for f in self.blacklist]
+        self.pass_all = not white and not black
+        self.key: object = json.dumps(self.to_json(), sort_keys=True)
+        """Equal keys select equal records: followers with the same filters share one pass."""
+        terms = []
+        if white:
+            terms.append(" or ".join(f"({e})" for e in white))
+        if black:
+            terms.append("not (" + " or ".join(f"({e})" for e in black) + ")")
+        # Lost-event records always pass: loss is never hidden by a filter.
+        # ('k' is on lost-event records only: the cheap test comes first.)
+        self.expression = (f"({' and '.join(f'({t})' for t in terms)}) "
+                           f"or ('k' in w and w['k'] == {LOST_KIND!r})") if terms else "True"
+        self.match: Predicate = _compile(self.expression, env, "lambda w: {expr}")
+        self.select: BatchSelect = (
+            _identity if self.pass_all
+            else _compile(self.expression, env, "lambda batch: [w for w in batch if {expr}]"))
 
-    def _specialise(self) -> Predicate:
-        """The hot-path predicate, shaped for the common cases (no filter, one filter)."""
-        white, black = self._white, self._black
-        if not white and not black:
-            return lambda w: True
-        if len(white) == 1 and not black:
-            only = white[0]
-            return lambda w: only(w) or w.get("k") == LOST_KIND
-
-        def match(w: Wire) -> bool:
-            if w.get("k") == LOST_KIND:
-                return True
-            if white:
-                for p in white:
-                    if p(w):
-                        break
-                else:
-                    return False
-            for p in black:  # noqa: SIM110 (no generator on the hot path)
-                if p(w):
-                    return False
-            return True
-
-        return match
+    @classmethod
+    def from_predicate(cls, match: Predicate) -> FilterSet:
+        """A filter set deciding with ``match`` (records that are not flows, e.g. processes)."""
+        fs = cls()
+        fs.pass_all = False
+        fs.key = ("predicate", id(match))
+        fs.match = match
+        fs.select = lambda batch: [w for w in batch if match(w)]
+        return fs
 
     def is_pass_all(self) -> bool:
-        return not self._white and not self._black
+        return self.pass_all
 
     def to_json(self) -> dict[str, Any]:
         return {"whitelist": [f.to_json() for f in self.whitelist],
@@ -526,3 +645,6 @@ class FilterSet:
         return cls([FlowFilter.from_json(f) for f in data.get("whitelist") or ()],
                    [FlowFilter.from_json(f) for f in data.get("blacklist") or ()])
 
+
+def _identity(batch: list[Wire]) -> list[Wire]:
+    return batch

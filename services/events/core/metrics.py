@@ -142,6 +142,49 @@ def _verdict(w: Wire) -> str:
         return str(w.get("v", 0))
 
 
+_CONTEXT_RAW: dict[str, str] = {
+    "namespace": "w.get('{s}n', '')",
+    "pod": "w.get('{s}n', ''), w.get('{s}pn', '')",
+    "pod-name": "w.get('{s}pn', '')",
+    "identity": "tuple(w.get('{s}l', ()))",
+    "workload-name": "(w.get('{s}w') or (('',),))[0][0]",
+    "ip": "w.get('{s}ip', '')",
+}
+"""Per context option: the raw wire fields its label is made from (``{s}`` = s or d)."""
+
+_L7_KEYS = "w.get('l7') and tuple(w['l7'])"
+_METRIC_RAW: dict[str, str] = {
+    "flows-processed": f"({{ctx}} w.get('et', 0), w.get('es', 0), w.get('v', 0), {_L7_KEYS})",
+    "drop": f"w.get('v') == {int(Verdict.DROPPED)} and ({{ctx}} w.get('dr', 0), "
+            f"w.get('p', 0), {_L7_KEYS})",
+    "tcp": f"w.get('p') == {int(IPProto.TCP)} and ({{ctx}} w.get('tf', 0), w.get('ipv', 0))",
+    "port-distribution": f"w.get('v') == {int(Verdict.FORWARDED)} and not w.get('rp') and "
+                         f"w.get('p') in _ported and w.get('dp', 0) and "
+                         f"({{ctx}} w.get('p'), w.get('dp'))",
+}
+"""Per metric: the raw wire fields its labels depend on; a falsy tail means "not counted".
+
+A metric counts a batch with one C-level ``Counter`` over these raw keys and turns each
+distinct key into Prometheus labels once (cached): the labels are a function of the key.
+"""
+
+RawKey = Callable[[Wire], tuple[object, ...]]
+
+
+def _raw_key_fn(opt: MetricOptions) -> RawKey:
+    ctx = "".join(_CONTEXT_RAW[c].format(s=side) + ", " for side, c in
+                  (("s", opt.source_context), ("d", opt.destination_context)) if c)
+    body = _METRIC_RAW[opt.name]
+    expr = body.format(ctx=ctx)
+    scope: dict[str, object] = {"__builtins__": {}, "tuple": tuple,
+                                "_ported": frozenset(_PROTO_NAMES)}
+    fn: RawKey = eval(f"lambda w: (w.get('k'), {expr})", scope)  # our own text, no input
+    return fn
+
+
+_KEY_CACHE_LIMIT = 1 << 16
+
+
 @dataclass
 class FlowMetrics:
     """Counters keyed by label-value tuples, in ``options[i].label_names()`` order."""
@@ -149,10 +192,13 @@ class FlowMetrics:
     options: list[MetricOptions] = field(default_factory=list)
     counters: dict[str, Counter[tuple[str, ...]]] = field(default_factory=dict)
     lost: Counter[tuple[str, ...]] = field(default_factory=Counter)
+    _compiled: list[tuple[MetricOptions, RawKey, dict[object, list[tuple[str, ...]]]]] = field(
+        default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         for opt in self.options:
             self.counters.setdefault(opt.name, Counter())
+            self._compiled.append((opt, _raw_key_fn(opt), {}))
 
     @classmethod
     def from_config(cls, texts: Iterable[str]) -> FlowMetrics:
@@ -162,36 +208,29 @@ class FlowMetrics:
         self.observe_many([w])
 
     def observe_many(self, batch: list[Wire]) -> None:
-        """Count a batch; one pass per enabled metric keeps the per-flow work small."""
-        flows = [w for w in batch if w.get("k") != LOST_KIND]
-        if len(flows) != len(batch):
+        """Count a batch: per metric one ``Counter`` over raw keys, labels made per distinct key."""
+        saw_lost = not self._compiled
+        for opt, raw_key, label_cache in self._compiled:
+            keys = list(map(raw_key, batch))
+            reps: dict[object, Wire] | None = None
+            counter = self.counters[opt.name]
+            for key, count in Counter(keys).items():
+                if key[0] == LOST_KIND:
+                    saw_lost = True
+                    continue
+                labels = label_cache.get(key)
+                if labels is None:
+                    if reps is None:
+                        reps = dict(zip(keys, batch, strict=True))
+                    if len(label_cache) >= _KEY_CACHE_LIMIT:
+                        label_cache.clear()
+                    labels = label_cache[key] = flow_labels(opt, reps[key]) if key[1] else []
+                for label in labels:
+                    counter[label] += count
+        if saw_lost:
             for w in batch:
                 if w.get("k") == LOST_KIND:
                     self.observe_lost(w.get("ls", 0), w.get("ln", 0))
-        for opt in self.options:
-            counter = self.counters[opt.name]
-            ctx_of = _context_fn(opt)
-            if opt.name == "flows-processed":
-                for w in flows:
-                    typ, sub = _type_subtype(w)
-                    counter[(*ctx_of(w), typ, sub, _verdict(w))] += 1
-            elif opt.name == "drop":
-                for w in flows:
-                    if w.get("v") == Verdict.DROPPED:
-                        counter[(*ctx_of(w), drop_reason_name(w.get("dr", 0)),
-                                 flow_protocol(w))] += 1
-            elif opt.name == "tcp":
-                for w in flows:
-                    if w.get("p") == IPProto.TCP:
-                        family = _FAMILY.get(w.get("ipv", 0), "")
-                        ctx = ctx_of(w)
-                        for flag in _tcp_flag_labels(w.get("tf", 0)):
-                            counter[(*ctx, flag, family)] += 1
-            elif opt.name == "port-distribution":
-                for w in flows:
-                    if (w.get("v") == Verdict.FORWARDED and not w.get("rp")
-                            and w.get("p") in _PROTO_NAMES and w.get("dp")):
-                        counter[(*ctx_of(w), _PROTO_NAMES[w["p"]], str(w["dp"]))] += 1
 
     def observe_lost(self, source: int, count: int) -> None:
         try:
@@ -206,6 +245,29 @@ class FlowMetrics:
                for o in self.options]
         out.append((LOST_SPEC, LOST_SPEC.labels, dict(self.lost)))
         return out
+
+
+def flow_labels(opt: MetricOptions, w: Wire) -> list[tuple[str, ...]]:
+    """The label tuples one flow adds to ``opt``'s metric (none when it is not counted)."""
+    ctx = _context_fn(opt)(w)
+    if opt.name == "flows-processed":
+        typ, sub = _type_subtype(w)
+        return [(*ctx, typ, sub, _verdict(w))]
+    if opt.name == "drop":
+        if w.get("v") != Verdict.DROPPED:
+            return []
+        return [(*ctx, drop_reason_name(w.get("dr", 0)), flow_protocol(w))]
+    if opt.name == "tcp":
+        if w.get("p") != IPProto.TCP:
+            return []
+        family = _FAMILY.get(w.get("ipv", 0), "")
+        return [(*ctx, flag, family) for flag in _tcp_flag_labels(w.get("tf", 0))]
+    if opt.name == "port-distribution":
+        if (w.get("v") == Verdict.FORWARDED and not w.get("rp")
+                and w.get("p") in _PROTO_NAMES and w.get("dp")):
+            return [(*ctx, _PROTO_NAMES[w["p"]], str(w["dp"]))]
+        return []
+    return []
 
 
 def _context_fn(opt: MetricOptions) -> Callable[[Wire], tuple[str, ...]]:

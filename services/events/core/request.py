@@ -146,6 +146,4 @@ def parse_flow_request(params: Params, now_ns: int) -> StreamRequest:
 
 def predicate_filters(match: Callable[[dict[str, object]], bool]) -> FilterSet:
     """A FilterSet whose hot-path match is ``match`` (process events are not flows)."""
-    fs = FilterSet()
-    fs.match = match
-    return fs
+    return FilterSet.from_predicate(match)
