@@ -31,10 +31,17 @@ class BadBatch(ValueError):
     """A message on ``flows.*``/``process.*`` that is not a batch of records."""
 
 
-def decode(data: bytes) -> tuple[list[Wire], int]:
-    """(records, upstream lost count) from either batch shape."""
+def decode(data: bytes, *, use_list: bool = True) -> tuple[list[Wire], int]:
+    """(records, upstream lost count) from either batch shape.
+
+    ``use_list=False`` decodes arrays inside records as tuples: flows are read-only once
+    received. The cyclic garbage collector stops tracking tuples of strings at the first
+    collection they survive, and the dicts holding only such values at the next full one;
+    lists are tracked forever, so with lists every collection walks every held flow again
+    (measured: more than the decoding itself).
+    """
     try:
-        obj: Any = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        obj: Any = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=use_list)
     except Exception as exc:  # msgpack raises assorted types on hostile input
         raise BadBatch(f"invalid msgpack: {type(exc).__name__}") from None
     lost = 0
@@ -44,20 +51,53 @@ def decode(data: bytes) -> tuple[list[Wire], int]:
             obj = obj["items"]
         else:
             obj = [obj]
+    if isinstance(obj, tuple):
+        obj = list(obj)
     if not isinstance(obj, list) or not isinstance(lost, int):
         raise BadBatch("expected an array of records or {items: [...], lost: n}")
-    for w in obj:
-        if not isinstance(w, dict):
-            raise BadBatch("every record must be a map")
+    if obj and set(map(type, obj)) != _DICT_ONLY:
+        raise BadBatch("every record must be a map")
     return obj, lost
 
 
+_DICT_ONLY = {dict}
+
+
+class RawBatch:
+    """A batch kept in the ring as the bytes it arrived as; decoded again when history is read."""
+
+    __slots__ = ("count", "data", "node", "stream")
+
+    def __init__(self, stream: Stream, node: str, data: bytes, count: int) -> None:
+        self.stream = stream
+        self.node = node
+        self.data = data
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def records(self) -> list[Wire]:
+        records, _ = decode(self.data, use_list=self.stream.use_list)
+        if self.stream.prepare is not None:
+            self.stream.prepare(records, self.node)
+        return records
+
+
 class Stream:
-    """Rings per node plus the live hub for one record kind."""
+    """Rings per node plus the live hub for one record kind.
+
+    ``keep_raw``: rings hold each batch as its bus bytes (``RawBatch``) instead of the decoded
+    records, which live only as long as fan-out and metrics need them (the flow stream; the
+    process stream mutates its records on the way in and is small, so it keeps them).
+    """
 
     def __init__(self, kind: str, ring_size: int, follower_queue: int,
-                 prepare: Callable[[list[Wire], str], None] | None = None) -> None:
+                 prepare: Callable[[list[Wire], str], None] | None = None,
+                 *, use_list: bool = True, keep_raw: bool = False) -> None:
         self.kind = kind
+        self.use_list = use_list
+        self.keep_raw = keep_raw
         self.ring_size = ring_size
         self.rings: dict[str, Ring] = {}
         self.hub = Hub(follower_queue)
@@ -77,25 +117,35 @@ class Stream:
     def ingest_bytes(self, node: str, data: bytes) -> int:
         """Decode and ingest one bus message; a bad one is counted and skipped."""
         try:
-            records, lost = decode(data)
+            records, lost = decode(data, use_list=self.use_list)
         except BadBatch:
             self.bad_batches_total += 1
             return 0
-        return self.ingest(node, records, lost)
+        raw = RawBatch(self, node, data, len(records)) if self.keep_raw and records else None
+        return self.ingest(node, records, lost, raw)
 
-    def ingest(self, node: str, records: list[Wire], lost: int = 0) -> int:
+    def ingest(self, node: str, records: list[Wire], lost: int = 0,
+               raw: RawBatch | None = None) -> int:
+        """Ring, fan-out and hooks for one decoded batch (``raw``: its bytes, for the ring)."""
         if self.prepare is not None:
             self.prepare(records, node)
+        ring = self.ring(node)
+        if raw is not None:
+            ring.add_chunk(raw)
         if lost:
             self.upstream_lost_total += lost
-            records = [*records, LostEvent(source=LostEventSource.PERF_EVENT_RING_BUFFER,
-                                           num_events_lost=lost, time_ns=time.time_ns(),
-                                           node_name=node).to_wire()]
+            lost_record = LostEvent(source=LostEventSource.PERF_EVENT_RING_BUFFER,
+                                    num_events_lost=lost, time_ns=time.time_ns(),
+                                    node_name=node).to_wire()
+            if raw is not None:
+                ring.add_chunk([lost_record])
+            records = [*records, lost_record]
         if not records:
             return 0
+        if raw is None:
+            ring.extend(records)
         self.batches_total += 1
         self.received_total += len(records)
-        self.ring(node).extend(records)
         self.hub.publish(records)
         for hook in self.hooks:
             hook(records)

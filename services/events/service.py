@@ -60,7 +60,8 @@ class Observer:
     def __init__(self, config: EventsConfig) -> None:
         self.config = config
         self.started = time.time_ns()
-        self.flows = Stream("flows", config.ring_size, config.follower_queue, fill_node)
+        self.flows = Stream("flows", config.ring_size, config.follower_queue, fill_node,
+                            use_list=False, keep_raw=True)
         self.processes = Stream("process", config.ring_size, config.follower_queue,
                                 _prepare_process)
         self.metrics = FlowMetrics(list(config.metrics))
