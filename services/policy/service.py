@@ -9,6 +9,7 @@ that disappeared. See docs/policy.md for revisions, replicas, overflow and CIDR 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from ciliate.api import READINESS_KEY, field_problem
 from ciliate.api.resources import ResourceHandlers, owned_kinds
-from ciliate.bus import KV, Bucket, KVMirror, RequestFailed, RevisionConflict
+from ciliate.bus import KV, Bucket, KVMirror, RequestFailed, RevisionConflict, codec
 from ciliate.bus.subjects import IDENTITY_ALLOCATE
 from ciliate.labels import CIDR_IDENTITY_BASE, LabelSet
 from ciliate.resources.base import Resource, ResourceError
@@ -87,16 +88,33 @@ def endpoint_named_ports(value: Any) -> tuple[int, NamedPortMap] | None:
     return int(value["identity"]), out
 
 
+KEEP: dict[str, Any] = {}
+"""Marker from ``_desired``: leave the key as it is (overflow with a previous value)."""
+
+
 def strip_revision(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: v for k, v in value.items() if k != "revision"}
     return value
 
 
-@dataclass
+@dataclass(frozen=True)
 class Published:
-    value: dict[str, Any]
+    """What a KV ``policy`` key holds, without keeping the (large) value: a digest of it
+    (``revision`` left out), its ``revision`` field and the KV revision."""
+
+    digest: bytes
+    revision: int
     kv_revision: int
+
+    @classmethod
+    def of(cls, value: Any, kv_revision: int) -> Published:
+        revision = value.get("revision", 0) if isinstance(value, dict) else 0
+        return cls(digest(value), int(revision) if isinstance(revision, int) else 0, kv_revision)
+
+
+def digest(value: Any) -> bytes:
+    return hashlib.blake2b(codec.pack(strip_revision(value)), digest_size=16).digest()
 
 
 class SequentialIds:
@@ -223,7 +241,7 @@ class PolicyService:
                 seen.add(ev.key)
             current = self.published.get(ev.key)
             if current is None or ev.revision >= current.kv_revision:
-                self.published[ev.key] = Published(ev.value, ev.revision)
+                self.published[ev.key] = Published.of(ev.value, ev.revision)
 
     async def _poll_db(self) -> None:
         """Another replica may store a policy: notice it by the stored resource versions."""
@@ -406,9 +424,8 @@ class PolicyService:
             if ident not in self.overflows:
                 self.ctx.log.error("policy map overflow: %s", overflow)
             self.overflows[ident] = str(overflow)
-            previous = self.published.get(key)
-            if previous is not None:
-                return strip_revision(previous.value)  # type: ignore[no-any-return]
+            if key in self.published:
+                return KEEP
             return {"identity": ident, "enforce": {"ingress": True, "egress": True},
                     "entries": [], "overflow": {"entries": overflow.entries,
                                                 "capacity": overflow.capacity}}
@@ -429,7 +446,8 @@ class PolicyService:
                         if key in self.published:
                             await self._delete(key)
                         return
-                    await self._put(key, desired)
+                    if desired is not KEEP:
+                        await self._put(key, desired)
                 except (nats.errors.Error, TimeoutError, OSError) as exc:
                     self._unpublished.add(ident)
                     self.ctx.log.warning("policy %s not published (%s); retrying", key, exc)
@@ -443,11 +461,12 @@ class PolicyService:
         wrote the same entries wins harmlessly (expected-revision puts, re-read on conflict)."""
         kv = self._policy_kv
         assert kv is not None
+        wanted = digest(body)
         for _ in range(5):
             current = self.published.get(key)
-            if current is not None and strip_revision(current.value) == body:
+            if current is not None and current.digest == wanted:
                 return
-            revision = int(current.value.get("revision", 0)) + 1 if current else 1
+            revision = current.revision + 1 if current else 1
             value = {"identity": body["identity"], "revision": revision,
                      **{k: v for k, v in body.items() if k != "identity"}}
             try:
@@ -458,9 +477,9 @@ class PolicyService:
                 if entry is None:
                     self.published.pop(key, None)
                 else:
-                    self.published[key] = Published(entry.value, entry.revision)
+                    self.published[key] = Published.of(entry.value, entry.revision)
                 continue
-            self.published[key] = Published(value, kv_rev)
+            self.published[key] = Published(wanted, revision, kv_rev)
             self.stats["puts"] += 1
             return
         self.ctx.log.warning("policy %s: gave up after repeated revision conflicts", key)

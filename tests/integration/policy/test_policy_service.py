@@ -232,6 +232,8 @@ async def test_overflow_is_refused_loudly_never_truncated(policy_stack: StackFac
     stack = await policy_stack(capacity=3)
     world = conformance_world()
     await stack.publish_world(world)
+    xa = str(world.pods["x/a"].identity)
+    await wait_for(lambda: _has_keys(stack, {xa}), what="x/a published before the policy")
     allow_all_ports = {
         "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
         "metadata": {"name": "many", "namespace": "x"},
@@ -241,7 +243,6 @@ async def test_overflow_is_refused_loudly_never_truncated(policy_stack: StackFac
                                                       "protocol": "TCP"}]}]}]},
     }
     assert (await stack.rest("POST", "/v1/resources", allow_all_ports))[0] == 201
-    xa = str(world.pods["x/a"].identity)
 
     async def overflow() -> Any:
         return (await stack.status()).get("overflow")
@@ -251,6 +252,17 @@ async def test_overflow_is_refused_loudly_never_truncated(policy_stack: StackFac
     value = (await stack.policy_kv())[xa]
     # x/a had a (small) value before: it is kept as it was, not replaced by a truncated map.
     assert value["revision"] == 1 and value["entries"] == [] and not value.get("overflow")
+    # A new identity with no previous value gets the fail-closed marker.
+    kv = await stack.bus.kv(Bucket.IDENTITIES)
+    labels = ["k8s:io.kubernetes.pod.namespace=x", "k8s:pod=a", "k8s:extra=1"]
+    await kv.put("5000", {"id": 5000, "labels": labels})
+
+    async def marker() -> Any:
+        return (await stack.policy_kv()).get("5000")
+
+    fresh = await wait_for(marker, what="the overflow marker for a new identity")
+    assert fresh["entries"] == [] and fresh["enforce"] == {"ingress": True, "egress": True}
+    assert fresh["overflow"]["capacity"] == 3 and fresh["overflow"]["entries"] > 3
 
 
 @needs_shared
