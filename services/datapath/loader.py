@@ -36,9 +36,15 @@ BPF_SOURCE = Path(__file__).with_name("bpf") / "datapath.c"
 
 TC_INGRESS = "ffff:fff2"
 TC_EGRESS = "ffff:fff3"
-FILTER_PRIO = 1
+FILTER_PRIO = 2
+"""After the L7 redirect (services/datapath/proxy, prio 1), which must see a pod's packets
+first; distinct priorities make the order independent of attach order."""
 FILTER_HANDLE = 1
-_COMPILE_LOCK = threading.Lock()
+LEGACY_FILTER_PRIO = 1
+"""Where agents before the L7 proxy wiring attached; removed on re-attach."""
+COMPILE_LOCK = threading.Lock()
+"""Held by every bcc compile in this process (datapath, L7 redirect, LB): clang/LLVM inside bcc
+is not thread-safe, and in-process agents compile on their own worker threads."""
 METRICS_SLOTS = 1024
 """Slots of ``cil_metrics``: drop reason (0 = forwarded) * 4 + direction."""
 
@@ -105,7 +111,7 @@ class Datapath:
         self.sizes = sizes or MapSizes()
         self.pins = pin_dir(node, pin_root)
         self.pins.mkdir(parents=True, exist_ok=True)
-        with _COMPILE_LOCK:  # clang/LLVM inside bcc is not thread-safe
+        with COMPILE_LOCK:  # clang/LLVM inside bcc is not thread-safe
             self.bpf = BPF(text=render_source(self.pins, self.sizes, monitor).encode())
         self.fn_from = self.bpf.load_func(b"from_container", BPF.SCHED_CLS)
         self.fn_to = self.bpf.load_func(b"to_container", BPF.SCHED_CLS)
@@ -131,6 +137,12 @@ class Datapath:
                 ipr.tc("replace-filter", "bpf", idx, FILTER_HANDLE, fd=fn.fd, name=fn.name,
                        parent=parent, prio=FILTER_PRIO, protocol=0x0003, classid=1,
                        direct_action=True)
+                try:  # an older agent's filter: the new one is in place, so no gap
+                    ipr.tc("del-filter", "bpf", idx, FILTER_HANDLE, parent=parent,
+                           prio=LEGACY_FILTER_PRIO, protocol=0x0003)
+                except NetlinkError as e:
+                    if e.code not in (2, 22):  # ENOENT / EINVAL: nothing there
+                        raise
 
     def detach(self, ifname: str, netns: str | None = None) -> None:
         with _ipr(netns) as ipr:

@@ -32,6 +32,10 @@ from .core.model import EndpointFlag, EnforcementMode
 from .core.plan import DesiredState, desired_state
 from .loader import Datapath, MapSizes, MonitorAggregation, MonitorConfig
 from .maps import PIN_ROOT
+from .proxy.core.policy import PolicyView
+from .proxy.dns_proxy import DNSProxy, Learner
+from .proxy.http_proxy import HTTPProxy
+from .proxy.loader import ProxyDatapath
 from .sandbox import (
     PodSandbox,
     adopt_pod,
@@ -79,6 +83,8 @@ class AgentConfig:
     monitor: MonitorConfig
     ct_gc_interval_s: float
     metrics_interval_s: float
+    l7_proxy: bool = True
+    """Cilium's ``enable-l7-proxy``: the redirect program and the node's HTTP/DNS proxies."""
 
     @classmethod
     def from_context(cls, ctx: ServiceContext) -> AgentConfig:
@@ -102,7 +108,9 @@ class AgentConfig:
                 int(opt("MONITOR_AGGREGATION_INTERVAL") or 5)),
             ct_gc_interval_s=float(opt("CT_GC_INTERVAL") or 30),
             metrics_interval_s=float(opt("METRICS_INTERVAL") or 5),
+            l7_proxy=_flag(opt("L7_PROXY"), True),
         )
+
 
 
 @dataclass
@@ -205,6 +213,13 @@ class DatapathAgent:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="datapath-worker")
         self.poller = ThreadPoolExecutor(1, thread_name_prefix="datapath-events")
         self.dp: Datapath | None = None
+        self.pdp: ProxyDatapath | None = None
+        self.view = PolicyView(node=cfg.node)
+        """The L7 proxies' view of the KV buckets, fed by the same mirrors as the maps."""
+        self.http_proxy: HTTPProxy | None = None
+        self.dns_proxy: DNSProxy | None = None
+        self.learner: Learner | None = None
+        self.proxy_stop = asyncio.Event()
         self.node_netns: str | None = None
         self.node_ip = node_ip_for(cfg.node) if cfg.dev_mode else ""
         self.pods: dict[str, PodSandbox] = {}
@@ -245,10 +260,12 @@ class DatapathAgent:
         self.applied = await self._run(self.dp.read_state)
         self.publisher = BatchPublisher(self.ctx.bus, flows_subject(cfg.node), source=cfg.node)
         self.publisher.start()
+        if cfg.l7_proxy:
+            await self.start_proxies()
         await self.register_node()
         for bucket in (Bucket.ENDPOINTS, Bucket.IPCACHE, Bucket.POLICY, Bucket.IDENTITIES,
                        Bucket.NODES):
-            mirror = KVMirror(await self.ctx.bus.kv(bucket), self._changed)
+            mirror = KVMirror(await self.ctx.bus.kv(bucket), self._on_change(bucket))
             self.mirrors[bucket] = mirror
             self.tasks.append(self.ctx.spawn(mirror.run(), name=f"mirror-{bucket.value}"))
         self.tasks += [
@@ -262,8 +279,37 @@ class DatapathAgent:
             "node": cfg.node, "dev_mode": cfg.dev_mode, "enforcement": cfg.enforcement.value,
             "audit": cfg.audit, "monitor_aggregation": cfg.monitor.aggregation.name.lower(),
             "programs": self.dp.program_info(), "synced": False,
+            "l7_proxy": self.pdp is not None,
         })
         self.ctx.on_shutdown(self.stop)
+
+    async def start_proxies(self) -> None:
+        """The redirect program (its filter at tc prio 1, ahead of the datapath's prio 2),
+        the node's policy route for marked packets, and the HTTP and DNS proxies listening in
+        the node's namespace; their L7 flows share the node's flow publisher."""
+        cfg = self.cfg
+        assert self.publisher is not None
+        self.pdp = await self._run(lambda: ProxyDatapath(cfg.node, sizes=cfg.sizes,
+                                                         pin_root=cfg.pin_root))
+        await self._run(self.pdp.setup_routing, self.node_netns)
+        emit = self.publisher.add
+        self.learner = Learner(self._request)
+        self.http_proxy = HTTPProxy(self.view, emit, netns=self.node_netns)
+        self.dns_proxy = DNSProxy(self.view, emit, learner=self.learner, netns=self.node_netns)
+        await self.http_proxy.start()
+        await self.dns_proxy.start()
+        self.tasks.append(self.ctx.spawn(self.learner.run_expiry(self.proxy_stop),
+                                         name="fqdn-expiry"))
+
+    async def _request(self, subject: str, payload: dict[str, Any]) -> Any:
+        return await self.ctx.bus.request(subject, payload, timeout=5.0)
+
+    def _attach(self, ifname: str, netns: str | None) -> None:
+        """Datapath filters first, then the redirect (which must run before them)."""
+        assert self.dp is not None
+        self.dp.attach(ifname, netns)
+        if self.pdp is not None:
+            self.pdp.attach(ifname, netns)
 
     async def register_node(self) -> None:
         kv = await self.ctx.bus.kv(Bucket.NODES)
@@ -272,8 +318,20 @@ class DatapathAgent:
                                  "started": time.time(), "dev_mode": self.cfg.dev_mode}
         await kv.put(self.cfg.node, value)
 
-    async def _changed(self, key: str, old: Any, new: Any) -> None:
-        self.dirty.set()
+    def _on_change(self, bucket: Bucket) -> Callable[[str, Any, Any], Any]:
+        feed = {Bucket.ENDPOINTS: self.view.set_endpoint, Bucket.IPCACHE: self.view.set_ipcache,
+                Bucket.POLICY: self.view.set_policy,
+                Bucket.IDENTITIES: self.view.set_identity}.get(bucket)
+
+        async def changed(key: str, old: Any, new: Any) -> None:
+            if feed is not None:
+                try:
+                    feed(key, new)
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    self.error(f"l7 view: bad {bucket.value} entry {key!r}: {exc!r}")
+            self.dirty.set()
+
+        return changed
 
     # --- desired state -> sandboxes, maps, routes ---------------------------------------------
 
@@ -347,9 +405,9 @@ class DatapathAgent:
                              namespace=namespace, name=name, ip=_pod_ip(ep),
                              tcp_ports=_ports(ep, "TCP"), udp_ports=_ports(ep, "UDP"),
                              salt=self.cfg.cluster, state_dir=self.cfg.state_dir,
-                             on_link=self.dp.attach)
+                             on_link=self._attach)
         else:
-            self.dp.attach(pod.ifname, pod.record.node_netns)  # replace an older agent's filters
+            self._attach(pod.ifname, pod.record.node_netns)  # replace an older agent's filters
         self.pods[key] = pod
 
     def _remove_pod(self, key: str) -> None:
@@ -424,6 +482,14 @@ class DatapathAgent:
     # --- shutdown ---------------------------------------------------------------------------
 
     async def stop(self) -> None:
+        self.proxy_stop.set()
+        for proxy in (self.http_proxy, self.dns_proxy):
+            if proxy is not None:
+                with contextlib.suppress(Exception):
+                    await proxy.stop()
+        if self.learner is not None and self.cfg.teardown:
+            with contextlib.suppress(Exception):  # learned FQDN identities go with the node
+                await asyncio.wait_for(self.learner.release_all(), 5)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -439,6 +505,8 @@ class DatapathAgent:
         else:
             for pod in self.pods.values():
                 release_pod(pod)
+            if self.pdp is not None:
+                await self._run(self.pdp.close)
             if self.dp is not None:
                 await self._run(self.dp.close)  # filters and pinned maps stay for the next agent
         await asyncio.to_thread(self.worker.shutdown, True)
@@ -447,6 +515,10 @@ class DatapathAgent:
         for key in list(self.pods):
             with contextlib.suppress(Exception):
                 self._remove_pod(key)
+        if self.pdp is not None:
+            with contextlib.suppress(Exception):
+                self.pdp.teardown_routing(self.node_netns)
+            self.pdp.close()
         if self.dp is not None:
             self.dp.destroy()
         if self.cfg.dev_mode:

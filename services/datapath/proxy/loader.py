@@ -12,28 +12,26 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
 from bcc import BPF
 from pyroute2 import IPRoute, NetlinkError
 
-from services.datapath.loader import MapSizes
+from services.datapath.loader import COMPILE_LOCK, MapSizes
 from services.datapath.maps import PIN_ROOT, pin_dir
 
 SOURCE = Path(__file__).with_name("bpf") / "redirect.c"
 TC_INGRESS = "ffff:fff2"
 FILTER_PRIO = 1
-"""Same priority as the datapath's filter; a newly added handle at one priority runs before the
-ones already there (cls_bpf keeps its programs in a list and adds at the head)."""
+"""Ahead of the datapath's own filter (prio 2, services/datapath/loader.py), whatever the
+attach order."""
 FILTER_HANDLE = 0x1700
 MARK_TO_PROXY = 0x0200
 MARK_MASK = 0x0F00
 ROUTE_TABLE = 2004
 RULE_PRIORITY = 9
 STAT_NAMES = ("redirected", "established", "no_proxy", "assign_failed")
-_COMPILE_LOCK = threading.Lock()
 
 
 def render_source(pins: Path, sizes: MapSizes) -> str:
@@ -58,7 +56,7 @@ class ProxyDatapath:
         self.pins = pin_dir(node, pin_root)
         if not (self.pins / "cil_policy").exists():
             raise FileNotFoundError(f"datapath maps of node {node!r} are not pinned at {self.pins}")
-        with _COMPILE_LOCK:
+        with COMPILE_LOCK:
             self.bpf = BPF(text=render_source(self.pins, sizes or MapSizes()).encode())
         self.fn = self.bpf.load_func(b"to_proxy", BPF.SCHED_CLS)
 
