@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pyroute2 import config as pyroute2_config
@@ -27,6 +28,7 @@ from ciliate.bus.subjects import flows as flows_subject
 from ciliate.flows.tables import TrafficDirection, drop_reason_text
 from ciliate.runner import ServiceContext, ServiceSpec
 
+from .cni.agent import CniAgent
 from .core.flows import FlowContext, event_to_flow
 from .core.model import EndpointFlag, EnforcementMode
 from .core.plan import DesiredState, desired_state
@@ -85,6 +87,9 @@ class AgentConfig:
     metrics_interval_s: float
     l7_proxy: bool = True
     """Cilium's ``enable-l7-proxy``: the redirect program and the node's HTTP/DNS proxies."""
+    cni: bool = False
+    """Serve ciliate-cni's REST (docs/k8s.md): on by default outside dev mode."""
+    pod_cidr: str = ""
 
     @classmethod
     def from_context(cls, ctx: ServiceContext) -> AgentConfig:
@@ -109,8 +114,23 @@ class AgentConfig:
             ct_gc_interval_s=float(opt("CT_GC_INTERVAL") or 30),
             metrics_interval_s=float(opt("METRICS_INTERVAL") or 5),
             l7_proxy=_flag(opt("L7_PROXY"), True),
+            cni=_flag(opt("CNI"), not s.dev_mode),
+            pod_cidr=opt("POD_CIDR") or default_pod_cidr(s.node),
         )
 
+
+def default_pod_cidr(node: str) -> str:
+    """A /24 per node from 10.244.0.0/16, numbered like the node's dev address (node-N: N)."""
+    return f"10.244.{node_ip_for(node).rsplit('.', 1)[1]}.0/24"
+
+
+def mount_cni(app: web.Application, cfg: AgentConfig, node_netns: str | None) -> CniAgent | None:
+    """The CNI handlers on the agent's app, when enabled; attachments persist per node."""
+    if not cfg.cni:
+        return None
+    agent = CniAgent(cfg.pod_cidr, cfg.state_dir / "cni" / cfg.node, node_netns=node_netns)
+    agent.register(app)
+    return agent
 
 
 @dataclass
@@ -214,6 +234,7 @@ class DatapathAgent:
         self.poller = ThreadPoolExecutor(1, thread_name_prefix="datapath-events")
         self.dp: Datapath | None = None
         self.pdp: ProxyDatapath | None = None
+        self.cni: CniAgent | None = None
         self.view = PolicyView(node=cfg.node)
         """The L7 proxies' view of the KV buckets, fed by the same mirrors as the maps."""
         self.http_proxy: HTTPProxy | None = None
@@ -255,6 +276,7 @@ class DatapathAgent:
                 with cluster_lock(cfg.cluster):
                     return ensure_node(cfg.cluster, cfg.node, self.node_ip).netns
             self.node_netns = await self._run(make_node)
+        self.cni = mount_cni(self.ctx.app, cfg, self.node_netns)
         self.dp = await self._run(lambda: Datapath(cfg.node, sizes=cfg.sizes,
                                                    pin_root=cfg.pin_root, monitor=cfg.monitor))
         self.applied = await self._run(self.dp.read_state)
@@ -278,7 +300,7 @@ class DatapathAgent:
         self.ctx.status.update({
             "node": cfg.node, "dev_mode": cfg.dev_mode, "enforcement": cfg.enforcement.value,
             "audit": cfg.audit, "monitor_aggregation": cfg.monitor.aggregation.name.lower(),
-            "programs": self.dp.program_info(), "synced": False,
+            "programs": self.dp.program_info(), "synced": False, "cni": self.cni is not None,
             "l7_proxy": self.pdp is not None,
         })
         self.ctx.on_shutdown(self.stop)
