@@ -262,7 +262,8 @@ def write_section(text: str) -> None:
     """Replace (or append) the ``## Identity`` section, leaving the other sections alone."""
     path = REPO / "docs" / "BENCHMARKS.md"
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Identity\n.*?(?=^## |\Z)", re.S | re.M)
+    # Stops at the next section and at "### Pod registration" (bench/identity/pods.py's part).
+    pattern = re.compile(r"^## Identity\n.*?(?=^## |^### Pod registration|\Z)", re.S | re.M)
     if pattern.search(doc):
         doc = pattern.sub(lambda _m: text + "\n", doc, count=1)
     else:

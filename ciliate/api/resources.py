@@ -83,7 +83,7 @@ class ResourceHandlers:
                 doc = resource.model_dump(mode="json", by_alias=True, exclude_none=True)
                 if dry_run:
                     return web.json_response({"dryRun": True, "object": doc, **extra})
-                result = await repo.apply(doc)
+                result = await repo.apply(doc, existing=old)
                 await uow.commit()
         except IntegrityError as exc:
             raise Problem(409, f"conflict: {exc.orig}") from None

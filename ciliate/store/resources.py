@@ -84,6 +84,13 @@ def _row(row: sa.Row[Any]) -> StoredResource:
     )
 
 
+class _Unknown:
+    """Marks "the caller did not read the stored row": ``apply`` reads it itself."""
+
+
+UNKNOWN = _Unknown()
+
+
 class ResourceRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -107,9 +114,13 @@ class ResourceRepository:
         query = query.order_by(resources.c.namespace, resources.c.name)
         return [_row(r) for r in (await self.session.execute(query)).all()]
 
-    async def apply(self, doc: dict[str, Any], *, status: dict[str, Any] | None = None
-                    ) -> ApplyResult:
-        """Create or update from a validated document; bumps generation when the spec changes."""
+    async def apply(self, doc: dict[str, Any], *, status: dict[str, Any] | None = None,
+                    existing: StoredResource | _Unknown | None = UNKNOWN) -> ApplyResult:
+        """Create or update from a validated document; bumps generation when the spec changes.
+
+        ``existing`` is the row as the caller read it in this transaction (None: absent), which
+        saves reading it again; the written row comes back with RETURNING, not a second read.
+        """
         meta = doc.get("metadata") or {}
         kind, name = str(doc["kind"]), str(meta["name"])
         namespace = str(meta.get("namespace") or "")
@@ -117,7 +128,8 @@ class ResourceRepository:
         labels = dict(meta.get("labels") or {})
         annotations = dict(meta.get("annotations") or {})
         now = datetime.now(UTC)
-        existing = await self.get(kind, namespace, name)
+        if isinstance(existing, _Unknown):
+            existing = await self.get(kind, namespace, name)
         if existing is None:
             values = dict(
                 kind=kind, namespace=namespace, name=name, uid=str(meta.get("uid") or uuid.uuid4()),
@@ -126,10 +138,12 @@ class ResourceRepository:
                 status=status if status is not None else dict(doc.get("status") or {}),
                 created_at=now, updated_at=now,
             )
-            await self.session.execute(sa.insert(resources).values(**values))
-            stored = await self.get(kind, namespace, name)
-            assert stored is not None
-            return ApplyResult(stored, created=True, changed=True)
+            row = (
+                await self.session.execute(
+                    sa.insert(resources).values(**values).returning(*resources.c)
+                )
+            ).one()
+            return ApplyResult(_row(row), created=True, changed=True)
         new_status = status if status is not None else dict(doc.get("status") or existing.status)
         spec_changed = spec != existing.spec
         changed = (
@@ -141,7 +155,7 @@ class ResourceRepository:
         )
         if not changed:
             return ApplyResult(existing, created=False, changed=False)
-        await self.session.execute(
+        row = (await self.session.execute(
             sa.update(resources)
             .where(
                 resources.c.kind == kind,
@@ -158,10 +172,9 @@ class ResourceRepository:
                 status=new_status,
                 updated_at=now,
             )
-        )
-        stored = await self.get(kind, namespace, name)
-        assert stored is not None
-        return ApplyResult(stored, created=False, changed=True)
+            .returning(*resources.c)
+        )).one()
+        return ApplyResult(_row(row), created=False, changed=True)
 
     async def delete(self, kind: str, namespace: str, name: str) -> StoredResource | None:
         existing = await self.get(kind, namespace, name)

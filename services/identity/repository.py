@@ -426,25 +426,86 @@ class IpAllocation:
     node: str
 
 
+ENDPOINT_LOCKS = 0x1D01
+ADDRESS_LOCKS = 0x1D02
+"""PostgreSQL advisory lock spaces: a transaction inserting an endpoint id or an address holds
+its lock until it ends, so a concurrent one trying the same slot moves on at once instead of
+waiting on the uncommitted row (which would serialise every pod apply on one slot)."""
+
+_PG_INSERT_ENDPOINT = sa.text(
+    """
+    INSERT INTO endpoints (id, owner, identity, record)
+    SELECT CAST(:id AS integer), CAST(:owner AS varchar), CAST(:identity AS bigint),
+           CAST(:record AS json)
+    WHERE pg_try_advisory_xact_lock(:space, CAST(:id AS integer))
+    ON CONFLICT DO NOTHING
+    RETURNING id
+    """
+)
+_PG_INSERT_ADDRESS = sa.text(
+    """
+    INSERT INTO ip_allocations (ip, owner, node, pool)
+    SELECT CAST(:ip AS varchar), CAST(:owner AS varchar), CAST(:node AS varchar),
+           CAST(:pool AS varchar)
+    WHERE pg_try_advisory_xact_lock(:space, hashtext(CAST(:ip AS text)))
+    ON CONFLICT DO NOTHING
+    RETURNING ip
+    """
+)
+
+
+@dataclass
+class AddressSlots:
+    """One process's view of the endpoint ids and pod addresses taken, and of node CIDRs.
+
+    Picking a new pod's endpoint id and address from this view replaces reading every taken id
+    (the whole ``endpoints`` table) and every address of the node's CIDR per pod. It is a hint:
+    the primary keys still decide, a slot another replica took is learnt from the refused
+    insert, and a view that runs out is read again from SQL. Node CIDRs are never reassigned, so
+    a node's CIDR seen committed is cached for good.
+    """
+
+    endpoint_ids: set[int] | None = None
+    addresses: dict[str, set[str]] = field(default_factory=dict)
+    node_cidrs: dict[str, str] = field(default_factory=dict)
+
+    def forget_addresses(self, ips: Iterable[str], ipam: Ipam) -> None:
+        for ip in ips:
+            pool = ipam.node_cidr_of(ip)
+            if pool is not None and pool in self.addresses:
+                self.addresses[pool].discard(ip)
+
+
 class AddressRepository:
     """Pod addresses, node pod CIDRs and endpoint ids."""
 
-    def __init__(self, session: AsyncSession, ipam: Ipam | None = None) -> None:
+    def __init__(
+        self, session: AsyncSession, ipam: Ipam | None = None, slots: AddressSlots | None = None
+    ) -> None:
         self.session = session
         self.ipam = ipam or Ipam()
+        self.slots = slots if slots is not None else AddressSlots()
+        self._wrote_node_cidrs = False
 
     async def node_cidr(self, node: str) -> str:
         """The node's pod CIDR, assigning the next free one on first use."""
-        for _ in range(MAX_ATTEMPTS):
+        cached = self.slots.node_cidrs.get(node)
+        if cached is not None:
+            return cached
+        for attempt in range(MAX_ATTEMPTS):
             row = (
                 await self.session.execute(
                     sa.select(node_cidrs.c.cidr).where(node_cidrs.c.node == node)
                 )
             ).first()
             if row is not None:
+                if attempt == 0 and not self._wrote_node_cidrs:
+                    # Committed before this transaction wrote anything: safe to keep.
+                    self.slots.node_cidrs[node] = str(row[0])
                 return str(row[0])
             taken = {str(r[0]) for r in await self.session.execute(sa.select(node_cidrs.c.cidr))}
             cidr = self.ipam.next_node_cidr(taken)
+            self._wrote_node_cidrs = True
             await self.session.execute(
                 _insert(self.session, node_cidrs)
                 .values(node=node, cidr=cidr)
@@ -455,6 +516,9 @@ class AddressRepository:
     async def adopt_node_cidr(self, node: str, cidr: str) -> None:
         """Record ``cidr`` as the node's pod CIDR unless the node or the CIDR is taken already
         (a pod applied with an address tells us which /24 its node uses)."""
+        if self.slots.node_cidrs.get(node) == cidr:
+            return
+        self._wrote_node_cidrs = True
         await self.session.execute(
             _insert(self.session, node_cidrs).values(node=node, cidr=cidr).on_conflict_do_nothing()
         )
@@ -474,6 +538,8 @@ class AddressRepository:
     async def claim(self, ip: str, owner: str, node: str) -> None:
         """Record a given address; IpConflict if another owner holds it."""
         pool = self.ipam.node_cidr_of(ip)
+        if pool is not None and pool in self.slots.addresses:
+            self.slots.addresses[pool].add(ip)
         got = (
             await self.session.execute(
                 _insert(self.session, ip_allocations)
@@ -495,26 +561,46 @@ class AddressRepository:
             ip_allocations.update().where(ip_allocations.c.ip == ip).values(node=node)
         )
 
+    async def _taken_addresses(self, cidr: str, reload: bool = False) -> set[str]:
+        taken = self.slots.addresses.get(cidr)
+        if taken is None or reload:
+            rows = await self.session.execute(
+                sa.select(ip_allocations.c.ip).where(ip_allocations.c.pool == cidr)
+            )
+            taken = self.slots.addresses[cidr] = {str(r[0]) for r in rows}
+        return taken
+
+    async def _insert_address(self, ip: str, owner: str, node: str, pool: str) -> bool:
+        if _is_postgres(self.session):
+            got = await self.session.execute(_PG_INSERT_ADDRESS, {
+                "ip": ip, "owner": owner, "node": node, "pool": pool, "space": ADDRESS_LOCKS,
+            })
+        else:
+            got = await self.session.execute(
+                _insert(self.session, ip_allocations)
+                .values(ip=ip, owner=owner, node=node, pool=pool)
+                .on_conflict_do_nothing()
+                .returning(ip_allocations.c.ip)
+            )
+        return got.first() is not None
+
     async def allocate(self, owner: str, node: str) -> str:
-        """The next free address of the node's pod CIDR, recorded for ``owner``."""
+        """The lowest free address (as far as this process knows) of the node's pod CIDR,
+        recorded for ``owner``."""
         cidr = await self.node_cidr(node)
-        for skip in range(MAX_ATTEMPTS):
-            taken = {
-                str(r[0])
-                for r in await self.session.execute(
-                    sa.select(ip_allocations.c.ip).where(ip_allocations.c.pool == cidr)
-                )
-            }
-            ip = self.ipam.next_address(cidr, taken, skip=skip)
-            got = (
-                await self.session.execute(
-                    _insert(self.session, ip_allocations)
-                    .values(ip=ip, owner=owner, node=node, pool=cidr)
-                    .on_conflict_do_nothing()
-                    .returning(ip_allocations.c.ip)
-                )
-            ).first()
-            if got is not None:
+        taken = await self._taken_addresses(cidr)
+        reloaded = False
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                ip = self.ipam.next_address(cidr, taken)
+            except IpamError:
+                if reloaded:
+                    raise
+                taken = await self._taken_addresses(cidr, reload=True)
+                reloaded = True
+                continue
+            taken.add(ip)  # reserved before the await: concurrent requests pick another
+            if await self._insert_address(ip, owner, node, cidr):
                 return ip
         raise IpamError("status.podIP", f"could not allocate an address in {cidr}")
 
@@ -531,7 +617,9 @@ class AddressRepository:
         if kept:
             stmt = stmt.where(ip_allocations.c.ip.not_in(kept))
         rows = await self.session.execute(stmt.returning(ip_allocations.c.ip))
-        return sorted(str(r[0]) for r in rows)
+        freed = sorted(str(r[0]) for r in rows)
+        self.slots.forget_addresses(freed, self.ipam)
+        return freed
 
     async def list_all(self) -> list[IpAllocation]:
         rows = await self.session.execute(sa.select(ip_allocations).order_by(ip_allocations.c.ip))
@@ -539,37 +627,88 @@ class AddressRepository:
 
     async def endpoint_id(self, owner: str) -> int:
         """The owner's endpoint id, allocating the lowest free one on first use."""
-        for skip in range(MAX_ATTEMPTS):
-            row = (
-                await self.session.execute(
-                    sa.select(endpoints.c.id).where(endpoints.c.owner == owner)
+        ident, _held, _record = await self.endpoint_state(owner)
+        if ident is not None:
+            return ident
+        created, _inserted = await self.create_endpoint(owner, None, lambda _id: None)
+        return created
+
+    async def _taken_endpoint_ids(self, reload: bool = False) -> set[int]:
+        if self.slots.endpoint_ids is None or reload:
+            rows = await self.session.execute(sa.select(endpoints.c.id))
+            self.slots.endpoint_ids = {int(r[0]) for r in rows}
+        return self.slots.endpoint_ids
+
+    async def create_endpoint(
+        self,
+        owner: str,
+        identity: int | None,
+        record_for: Callable[[int], dict[str, Any] | None],
+    ) -> tuple[int, bool]:
+        """Insert the endpoint row of an owner that has none, with the lowest endpoint id free
+        as far as this process knows and the record made for that id: (id, True). If the
+        owner got a row meanwhile (the same pod applied concurrently), (that row's id, False)
+        and the row is left as it is."""
+        taken = await self._taken_endpoint_ids()
+        reloaded = False
+        postgres = _is_postgres(self.session)
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                ident = next_endpoint_id(taken)
+            except RuntimeError:
+                if reloaded:
+                    raise
+                taken = await self._taken_endpoint_ids(reload=True)
+                reloaded = True
+                continue
+            taken.add(ident)  # reserved before the await: concurrent requests pick another
+            record = record_for(ident)
+            if postgres:
+                got = await self.session.execute(_PG_INSERT_ENDPOINT, {
+                    "id": ident, "owner": owner, "identity": identity,
+                    "record": None if record is None else json.dumps(record),
+                    "space": ENDPOINT_LOCKS,
+                })
+            else:
+                got = await self.session.execute(
+                    _insert(self.session, endpoints)
+                    .values(id=ident, owner=owner, identity=identity, record=record)
+                    .on_conflict_do_nothing()
+                    .returning(endpoints.c.id)
                 )
-            ).first()
-            if row is not None:
-                return int(row[0])
-            taken = {int(r[0]) for r in await self.session.execute(sa.select(endpoints.c.id))}
-            await self.session.execute(
-                _insert(self.session, endpoints)
-                .values(id=next_endpoint_id(taken, skip=skip), owner=owner)
-                .on_conflict_do_nothing()
-            )
+            if got.first() is not None:
+                return ident, True
+            existing, _held, _record = await self.endpoint_state(owner)
+            if existing is not None:
+                return existing, False
         raise RuntimeError(f"could not allocate an endpoint id for {owner}")
 
     async def release_endpoint_id(self, owner: str) -> None:
-        await self.session.execute(endpoints.delete().where(endpoints.c.owner == owner))
+        rows = await self.session.execute(
+            endpoints.delete().where(endpoints.c.owner == owner).returning(endpoints.c.id)
+        )
+        if self.slots.endpoint_ids is not None:
+            self.slots.endpoint_ids.difference_update(int(r[0]) for r in rows)
 
     async def endpoint(self, owner: str) -> tuple[int | None, dict[str, Any] | None]:
         """(identity held, KV record) of a pod's endpoint, or (None, None)."""
+        _ident, held, record = await self.endpoint_state(owner)
+        return held, record
+
+    async def endpoint_state(
+        self, owner: str
+    ) -> tuple[int | None, int | None, dict[str, Any] | None]:
+        """(endpoint id, identity held, KV record) of a pod's endpoint, or Nones."""
         row = (
             await self.session.execute(
-                sa.select(endpoints.c.identity, endpoints.c.record).where(
+                sa.select(endpoints.c.id, endpoints.c.identity, endpoints.c.record).where(
                     endpoints.c.owner == owner
                 )
             )
         ).first()
         if row is None:
-            return None, None
-        return (None if row[0] is None else int(row[0])), row[1]
+            return None, None, None
+        return int(row[0]), (None if row[1] is None else int(row[1])), row[2]
 
     async def save_endpoint(self, owner: str, identity: int, record: dict[str, Any]) -> None:
         await self.session.execute(

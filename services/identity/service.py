@@ -54,6 +54,7 @@ from services.identity.core.ipam import DEFAULT_CLUSTER_CIDR, DEFAULT_NODE_PREFI
 from services.identity.core.validation import label_errors
 from services.identity.repository import (
     AddressRepository,
+    AddressSlots,
     IdentityAllocator,
     IpConflict,
     SchemaMissing,
@@ -106,6 +107,8 @@ class IdentityService:
         self.default_node = ctx.settings.node
         self.kvs: dict[Bucket, KV] = {}
         self.parser = LabelSetParser()
+        self.slots = AddressSlots()
+        """Endpoint ids, addresses and node CIDRs this process knows taken (a hint; SQL decides)."""
         self.cache: dict[str, int] = {}
         """Canonical label key -> id, for lookups; entries leave when an identity is deleted."""
 
@@ -140,7 +143,7 @@ class IdentityService:
         """Publish the whole SQL state, so the KV buckets match it after any restart."""
         async with self.db.unit_of_work() as uow:
             idents = await self.allocator.list_all(uow.session)
-            addresses = AddressRepository(uow.session, self.ipam)
+            addresses = AddressRepository(uow.session, self.ipam, self.slots)
             records = await addresses.list_endpoints()
             prefixes = await addresses.list_prefixes()
         pending = Pending()
@@ -199,7 +202,7 @@ class IdentityService:
         namespace = pod.metadata.namespace or "default"
         name = pod.metadata.name
         owner = _owner(namespace, name)
-        addresses = AddressRepository(session, self.ipam)
+        addresses = AddressRepository(session, self.ipam, self.slots)
         labels = endpoint_labels(
             pod.metadata.labels,
             namespace,
@@ -207,11 +210,8 @@ class IdentityService:
             service_account=pod.spec.serviceAccountName or "default",
             label_filter=self.label_filter,
         )
-        created: set[int] = set()
-        (ident,) = await self.allocator.allocate(session, [labels], created=created)
-        held, old_record = await addresses.endpoint(owner)
-        if held is not None:
-            await self.allocator.release(session, [held])
+        endpoint_id, held, old_record = await addresses.endpoint_state(owner)
+        known = endpoint_id is not None  # only a pod seen before holds addresses to keep/free
         node = pod.spec.nodeName or ""
         ips = list(pod.ips)
         try:
@@ -226,27 +226,47 @@ class IdentityService:
                     await addresses.claim(ip, owner, node)
             else:
                 node = node or (old_record or {}).get("node") or self.default_node
-                kept = await addresses.of_owner(owner)
+                kept = await addresses.of_owner(owner) if known else []
                 ips = kept[:1] if kept else [await addresses.allocate(owner, node)]
         except IpConflict as exc:
             raise field_problem(409, "status.podIP", str(exc)) from None
         except IpamError as exc:
             raise field_problem(422, exc.field, exc.message) from None
-        freed = await addresses.release(owner, keep=ips)
-        endpoint = Endpoint(
-            id=await addresses.endpoint_id(owner),
-            namespace=namespace,
-            name=name,
-            labels=tuple(labels.sorted_strings()),
-            identity=ident,
-            ips=tuple(ips),
-            node=node,
-            ports=tuple(NamedPort(p.name or "", p.containerPort, p.protocol) for p in pod.ports),
-            pod_labels=dict(pod.metadata.labels),
-            ready=pod.ready,
-        )
-        record = endpoint.kv_value()
-        await addresses.save_endpoint(owner, ident, record)
+        freed = await addresses.release(owner, keep=ips) if known else []
+        # The identity reference last: its row stays locked until the commit, so the shorter
+        # the rest of the transaction after it, the less pods of one identity queue.
+        (ident,) = await self.allocator.allocate(session, [labels])
+        if held is not None:
+            await self.allocator.release(session, [held])
+
+        def endpoint_for(ep_id: int) -> Endpoint:
+            return Endpoint(
+                id=ep_id,
+                namespace=namespace,
+                name=name,
+                labels=tuple(labels.sorted_strings()),
+                identity=ident,
+                ips=tuple(ips),
+                node=node,
+                ports=tuple(
+                    NamedPort(p.name or "", p.containerPort, p.protocol) for p in pod.ports
+                ),
+                pod_labels=dict(pod.metadata.labels),
+                ready=pod.ready,
+            )
+
+        if endpoint_id is None:
+            endpoint_id, inserted = await addresses.create_endpoint(
+                owner, ident, lambda ep_id: endpoint_for(ep_id).kv_value()
+            )
+            endpoint = endpoint_for(endpoint_id)
+            record = endpoint.kv_value()
+            if not inserted:  # the same pod applied concurrently got its row first
+                await addresses.save_endpoint(owner, ident, record)
+        else:
+            endpoint = endpoint_for(endpoint_id)
+            record = endpoint.kv_value()
+            await addresses.save_endpoint(owner, ident, record)
         pending = self.pending()
         if reserved_id_for(labels) is None:
             pending.put(
@@ -274,7 +294,7 @@ class IdentityService:
 
     async def delete_pod(self, uow: UnitOfWork, namespace: str, name: str) -> None:
         owner = _owner(namespace, name)
-        addresses = AddressRepository(uow.session, self.ipam)
+        addresses = AddressRepository(uow.session, self.ipam, self.slots)
         held, _record = await addresses.endpoint(owner)
         if held is not None:
             await self.allocator.release(uow.session, [held])
@@ -338,7 +358,7 @@ class IdentityService:
             ids = await self.allocator.allocate(session, sets, created=created)
             wanted = {p: i for p, i in zip(prefixes, ids, strict=True) if p is not None}
             changed = (
-                await AddressRepository(session, self.ipam).claim_prefixes(wanted)
+                await AddressRepository(session, self.ipam, self.slots).claim_prefixes(wanted)
                 if wanted
                 else []
             )
@@ -366,7 +386,7 @@ class IdentityService:
             released = await self.allocator.release(session, ids)
             cidr_ids = [i for i in released if Scope.CIDR.contains(i)]
             freed = (
-                await AddressRepository(session, self.ipam).release_prefixes(cidr_ids)
+                await AddressRepository(session, self.ipam, self.slots).release_prefixes(cidr_ids)
                 if cidr_ids
                 else []
             )
@@ -453,12 +473,12 @@ class IdentityService:
 
     async def list_endpoints(self, _request: web.Request) -> web.Response:
         async with self.db.unit_of_work() as uow:
-            records = await AddressRepository(uow.session, self.ipam).list_endpoints()
+            records = await AddressRepository(uow.session, self.ipam, self.slots).list_endpoints()
         return web.json_response(records)
 
     async def list_ipcache(self, _request: web.Request) -> web.Response:
         async with self.db.unit_of_work() as uow:
-            addresses = AddressRepository(uow.session, self.ipam)
+            addresses = AddressRepository(uow.session, self.ipam, self.slots)
             records = await addresses.list_endpoints()
             prefixes = await addresses.list_prefixes()
         rows = [ipcache_value(ip, r["identity"], r["node"]) for r in records for ip in r["ips"]]
