@@ -1,14 +1,23 @@
-"""Events ingest benchmark: decode msgpack batches, append to the node ring, offer to followers.
+"""Events ingest benchmark: the service's ingest path, in process and with NATS in the loop.
 
-    .venv/bin/python bench/events/run.py [--flows 200000] [--batch 256] [--followers 10]
-    .venv/bin/python bench/events/run.py --nats [--flows 150000] [--rate 20000] [--seconds 5]
+    .venv/bin/python bench/events/run.py [--flows 200000] [--batch 256]
+    .venv/bin/python bench/events/run.py --nats [--flows 300000] [--rate 20000] [--seconds 5]
 
-Without ``--nats``: flows/s for decode+append; +metrics; +fan-out to N filtered followers.
-With ``--nats``: a nats-server and a publisher process (BatchPublisher envelopes on
-``flows.n1``); the service's ingest (``services.events.observer.Stream``: decode, ring, Hubble
-metrics, hub) subscribed with ``Bus.subscribe_raw`` as the service is. It reports ingest flows/s
-with the publisher sending as fast as it can, then the delivery latency (publish time to a
-follower task holding the record) for 10 followers with their own filters at ``--rate``.
+Flows are ~730 bytes on the wire (labels, workloads, summary, interface, as an enriched
+Hubble flow), published as ``BatchPublisher`` envelopes ``{"source", "items", "lost"}``.
+
+Without ``--nats``: flows/s of ``Stream.ingest_bytes`` (the service's ingest: one msgpack
+decode per batch, chunk ring append, per-batch Hubble metrics, per-batch filtered fan-out)
+for growing configurations, next to msgpack decoding alone (the floor of any design that
+looks at every flow's fields) in the same run.
+
+With ``--nats``: a nats-server and a publisher process sending pre-encoded batches as fast as
+it can (so the producer's encoding is not what is measured) on ``flows.n1``; the consumer
+subscribes with ``Bus.subscribe_raw`` as ``service.py`` does. Ingest flows/s for: decode only
+(baseline: NATS + msgpack on this machine), the service's ingest with 2 Hubble metrics and 1
+filtered follower, and with 10. Then the delivery latency (publish time, stamped into each
+flow's ``t``, to a follower task holding the record) for 10 followers with their own filters
+at ``--rate`` flows/s offered.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import statistics
@@ -24,27 +34,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from ciliate.flows import (
-    Endpoint,
-    Flow,
-    MessageType,
-    TCPFlag,
-    TrafficDirection,
-    Verdict,
-    decode_batch,
-    encode_batch,
-)
+from ciliate.flows import Endpoint, Flow, MessageType, TCPFlag, TrafficDirection, Verdict
+from ciliate.flows.model import Workload
 from services.events.core.cliflags import filters_from_flags
-from services.events.core.fanout import Hub
 from services.events.core.filters import FilterSet
 from services.events.core.metrics import FlowMetrics
 from services.events.core.query import FlowQuery
-from services.events.core.ring import Ring
+from services.events.observer import Stream, fill_node
 
 FOLLOWER_FLAGS: list[list[tuple[str, str]]] = [
     [("verdict", "DROPPED")],
@@ -58,6 +60,18 @@ FOLLOWER_FLAGS: list[list[tuple[str, str]]] = [
     [("identity", "1234"), ("verdict", "DROPPED")],
     [("node-name", "n1"), ("tcp-flags", "SYN")],
 ]
+"""Ten followers' filters, as ``hubble observe`` flags."""
+
+SERVICE_METRICS = ["flows-processed", "drop"]
+"""What the service enables by default (``CILIATE_HUBBLE_METRICS="flow drop"``)."""
+
+
+def _labels(ns: str, app: str) -> list[str]:
+    return [f"k8s:app={app}", f"k8s:io.kubernetes.pod.namespace={ns}",
+            f"k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name={ns}",
+            "k8s:io.cilium.k8s.policy.cluster=default",
+            "k8s:io.cilium.k8s.policy.serviceaccount=default",
+            f"k8s:pod-template-hash={app}5d4f8b", "k8s:version=v1.2.3"]
 
 
 def make_flows(n: int) -> list[Flow]:
@@ -78,48 +92,136 @@ def make_flows(n: int) -> list[Flow]:
             destination_ip=f"10.0.{rng.randrange(4)}.{rng.randrange(250)}",
             protocol=rng.choice((6, 6, 6, 17)), source_port=rng.randrange(30000, 60000),
             destination_port=rng.choice((80, 81, 443, 53)), tcp_flags=TCPFlag.SYN,
+            interface=(12, "lxc5d4f8b2k9q"), summary="TCP Flags: SYN",
             source=Endpoint(id=100 + i % 50, identity=1234, namespace=ns_s,
-                            pod_name=f"{app_s}-5d4f8b-x2k9q",
-                            labels=[f"k8s:app={app_s}", f"k8s:io.kubernetes.pod.namespace={ns_s}",
-                                    "k8s:io.cilium.k8s.policy.serviceaccount=default"]),
+                            pod_name=f"{app_s}-5d4f8b-x2k9q", labels=_labels(ns_s, app_s),
+                            workloads=[Workload(app_s, "Deployment")]),
             destination=Endpoint(id=200 + i % 50, identity=5678, namespace=ns_d,
-                                 pod_name=f"{app_d}-7c9d6f-p8m2z",
-                                 labels=[f"k8s:app={app_d}",
-                                         f"k8s:io.kubernetes.pod.namespace={ns_d}"]),
+                                 pod_name=f"{app_d}-7c9d6f-p8m2z", labels=_labels(ns_d, app_d),
+                                 workloads=[Workload(app_d, "Deployment")]),
         ))
     return out
 
 
-def measure(name: str, batches: list[bytes], total: int,
-            sink: Callable[[list[dict[str, object]]], None]) -> float:
-    start = time.perf_counter()
-    for b in batches:
-        sink(decode_batch(b))
-    elapsed = time.perf_counter() - start
-    rate = total / elapsed
-    print(f"{name:<48} {rate:>12,.0f} flows/s")
-    return rate
+def envelope(items: list[dict[str, Any]]) -> bytes:
+    """What ``ciliate.bus.BatchPublisher`` sends."""
+    data: bytes = msgpack.packb({"source": "n1", "items": items, "lost": 0}, use_bin_type=True)
+    return data
+
+
+def encoded_batches(flows: int, batch: int) -> list[bytes]:
+    """Envelopes of ``batch`` flows; the flow objects are gone afterwards, so the collector
+    does not walk a big test data set while ingest is measured."""
+    wires = [f.to_wire() for f in make_flows(min(flows, 50_000))]
+    out = [envelope([wires[(i + j) % len(wires)] for j in range(batch)])
+           for i in range(0, flows, batch)]
+    del wires
+    gc.collect()
+    return out
+
+
+def stream_with(metrics: list[str], followers: int) -> tuple[Stream, list[Any]]:
+    """The service's flow stream (as ``service.Observer`` builds it) with N filtered followers."""
+    try:
+        stream = Stream("flows", 4095, 4096, fill_node, use_list=False, keep_raw=True)
+    except TypeError:  # the ingest before batch rings: before/after runs from an old tree
+        stream = Stream("flows", 4095, 4096, fill_node)
+    if metrics:
+        stream.hooks.append(FlowMetrics.from_config(metrics).observe_many)
+    subs = []
+    for flags in FOLLOWER_FLAGS[:followers]:
+        white, black = filters_from_flags(flags)
+        subs.append(stream.hub.add(FlowQuery(FilterSet(white, black)), 1 << 30))
+    return stream, subs
+
+
+CONFIGS: list[tuple[str, list[str], int]] = [
+    ("ingest: decode + ring", [], 0),
+    ("ingest + 2 Hubble metrics (flow, drop)", SERVICE_METRICS, 0),
+    ("ingest + 4 Hubble metrics", ["flows-processed", "drop", "tcp", "port-distribution"], 0),
+    ("ingest + 2 metrics + 1 filtered follower", SERVICE_METRICS, 1),
+    ("ingest + 2 metrics + 10 filtered followers", SERVICE_METRICS, 10),
+]
+
+
+def in_process(args: argparse.Namespace) -> None:
+    """Each configuration once per round, rounds repeated: load bursts from other processes
+    hit every configuration alike; the best and the median round are reported."""
+    batches = encoded_batches(args.flows, args.batch)
+    total = len(batches) * args.batch
+    size = sum(len(b) for b in batches) / total
+    print(f"{total:,} flows, {size:.0f} bytes/flow on the wire, batches of {args.batch}")
+
+    def decode_only(data: bytes) -> object:
+        return msgpack.unpackb(data, use_list=False)
+
+    runs: list[tuple[str, Callable[[bytes], object], list[Any]]] = [
+        ("msgpack decode alone (baseline)", decode_only, [])]
+    for name, metrics, followers in CONFIGS:
+        stream, subs = stream_with(metrics, followers)
+        runs.append((name, partial(stream.ingest_bytes, "n1"), subs))
+    wall: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    cpu: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    for _ in range(args.repeat):
+        for name, ingest, subs in runs:
+            gc.collect()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for b in batches:
+                ingest(b)
+                for f in subs:  # followers keep up here; the cost measured is ingest's
+                    f.drain()
+            wall[name].append(total / (time.perf_counter() - start))
+            cpu[name].append(total / (time.process_time() - cpu_start))
+    print(f"{'':<44} {'flows/s wall':>14} {'flows/CPU-s':>12} "
+          f"(best; median of {args.repeat})")
+    for name, _, _ in runs:
+        print(f"{name:<44} {max(wall[name]):>14,.0f} {max(cpu[name]):>12,.0f} "
+              f"({statistics.median(wall[name]):,.0f}; {statistics.median(cpu[name]):,.0f})")
+
+
+ACK_SUBJECT = "bench.events.ack"
+WINDOW = 32
+"""Messages the full-speed publisher may have in flight beyond the consumer's last ack: enough
+to keep the consumer busy, few enough that nats-server never cuts it off as a slow consumer."""
 
 
 async def publish(url: str, flows: int, batch: int, rate: float) -> None:
-    """The publisher process: BatchPublisher envelopes, as fast as possible or paced at rate."""
+    """The publisher process: pre-encoded envelopes as fast as the consumer acks, or stamped
+    with the current time at a fixed rate."""
     import nats
 
     nc = await nats.connect(url)
     wires = [f.to_wire() for f in make_flows(min(flows, 20_000))]
     sent, start = 0, time.perf_counter()
-    while sent < flows:
-        items = [wires[(sent + i) % len(wires)] for i in range(min(batch, flows - sent))]
-        if rate:
-            due = start + sent / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            now = time.time_ns()
-            items = [{**w, "t": now} for w in items]
-        await nc.publish("flows.n1", msgpack.packb({"source": "bench", "items": items,
-                                                    "lost": 0}))
-        sent += len(items)
+    if not rate:
+        acked = [0]
+        more = asyncio.Event()
+
+        async def on_ack(msg: Any) -> None:
+            acked[0] = int(msg.data)
+            more.set()
+
+        await nc.subscribe(ACK_SUBJECT, cb=on_ack)
+        await nc.flush()
+        packed = [envelope(wires[i:i + batch]) for i in range(0, len(wires) - batch + 1, batch)]
+        i = 0
+        while sent < flows:
+            while i - acked[0] >= WINDOW:
+                more.clear()
+                await nc.flush()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(more.wait(), 5)
+            await nc.publish("flows.n1", packed[i % len(packed)])
+            sent += batch
+            i += 1
+    while rate and sent < flows:
+        delay = start + sent / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = time.time_ns()
+        items = [{**wires[(sent + i) % len(wires)], "t": now} for i in range(batch)]
+        await nc.publish("flows.n1", envelope(items))
+        sent += batch
     await nc.flush()
     await nc.close()
 
@@ -129,82 +231,105 @@ def _spawn_publisher(url: str, flows: int, batch: int, rate: float) -> subproces
                              "--batch", str(batch), "--rate", str(rate)])
 
 
+async def _ingest_run(bus: Any, url: str, name: str, args: argparse.Namespace,
+                      consume: Callable[[bytes], int]) -> None:
+    """Publisher at full speed; flows/s from the first to the last message consumed."""
+    total = args.flows - args.flows % args.batch
+    got = [0, 0]
+    first_at: list[float] = []
+    last_at = [0.0]
+    cpu = [0.0, 0.0]
+    done = asyncio.Event()
+
+    async def on_msg(msg: Any) -> None:
+        if not first_at:
+            first_at.append(time.perf_counter())
+            cpu[0] = time.process_time()
+        got[0] += consume(msg.data)
+        got[1] += 1
+        last_at[0] = time.perf_counter()
+        cpu[1] = time.process_time()
+        if got[1] % 8 == 0:
+            await bus.nc.publish(ACK_SUBJECT, str(got[1]).encode())
+        if got[0] >= total:
+            done.set()
+
+    sub = await bus.subscribe_raw("flows.*", on_msg)
+    await bus.nc.flush()
+    gc.collect()
+    pub = _spawn_publisher(url, total, args.batch, 0)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), 120)
+    pub.wait(30)
+    await sub.unsubscribe()
+    elapsed = last_at[0] - first_at[0] if first_at else float("nan")
+    print(f"NATS {name:<44} {got[0] / elapsed:>10,.0f} flows/s wall "
+          f"{got[0] / (cpu[1] - cpu[0]):>10,.0f} flows/CPU-s "
+          f"({got[0]:,} of {total:,} flows in {elapsed:.2f}s)")
+
+
 async def nats_bench(args: argparse.Namespace) -> None:
     from ciliate.bus import Bus
     from ciliate.stack.nats import NatsServer
-    from services.events.core.metrics import FlowMetrics
-    from services.events.observer import Stream, fill_node
 
     with tempfile.TemporaryDirectory() as tmp:
         server = NatsServer(Path(tmp))
         server.start()
         try:
             bus = await Bus.connect(server.url, name="bench-events")
-            stream = Stream("flows", 4095, 4096, fill_node)
-            metrics = FlowMetrics.from_config(["flows-processed", "drop"])
-            stream.hooks.append(metrics.observe_many)
-            white, black = filters_from_flags(FOLLOWER_FLAGS[0])
-            one = stream.hub.add(FlowQuery(FilterSet(white, black)), 1 << 30)
-            first_at: list[float] = []
-            done = asyncio.Event()
 
-            async def on_msg(msg: Any) -> None:
-                if not first_at:
-                    first_at.append(time.perf_counter())
-                stream.ingest_bytes(msg.subject.partition(".")[2], msg.data)
-                one.drain()
-                if stream.received_total >= args.flows:
-                    done.set()
+            def decode_only(data: bytes) -> int:
+                return len(msgpack.unpackb(data, use_list=False)["items"])
 
-            sub = await bus.subscribe_raw("flows.*", on_msg)
-            await bus.nc.flush()
-            pub = _spawn_publisher(server.url, args.flows, args.batch, 0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 120)
-            elapsed = time.perf_counter() - first_at[0] if first_at else float("nan")
-            pub.wait(30)
-            print(f"NATS ingest (decode + ring + 2 Hubble metrics + 1 filtered follower): "
-                  f"{stream.received_total:,} flows in {elapsed:.2f}s = "
-                  f"{stream.received_total / elapsed:,.0f} flows/s")
-            await sub.unsubscribe()
-            stream.hub.remove(one)
+            await _ingest_run(bus, server.url, "msgpack decode alone (baseline)", args,
+                              decode_only)
+            for name, metrics, followers in (CONFIGS[3], CONFIGS[4]):
+                stream, subs = stream_with(metrics, followers)
 
-            stream2 = Stream("flows", 4095, 4096, fill_node)
-            stream2.hooks.append(FlowMetrics.from_config(["flows-processed", "drop"]).observe_many)
+                def ingest(data: bytes, stream: Stream = stream, subs: list[Any] = subs) -> int:
+                    n = stream.ingest_bytes("n1", data)
+                    for f in subs:
+                        f.drain()
+                    return n
+
+                await _ingest_run(bus, server.url, name, args, ingest)
+
+            stream, _ = stream_with(SERVICE_METRICS, 0)
             latencies: list[int] = []
             total = int(args.rate * args.seconds)
+            total -= total % args.latency_batch
 
             async def follow(flags: list[tuple[str, str]]) -> None:
                 w_, b_ = filters_from_flags(flags)
-                f = stream2.hub.add(FlowQuery(FilterSet(w_, b_)))
-                while not f.closed:
+                f = stream.hub.add(FlowQuery(FilterSet(w_, b_)))
+                while True:  # after close, get() still hands out what was queued
                     records = await f.get()
+                    if not records and f.closed:
+                        return
                     now = time.time_ns()
                     latencies.extend(now - w["t"] for w in records if "u" in w)
 
             tasks = [asyncio.create_task(follow(flags)) for flags in FOLLOWER_FLAGS[:10]]
+            done = asyncio.Event()
 
-            done2 = asyncio.Event()
+            async def on_msg(msg: Any) -> None:
+                stream.ingest_bytes(msg.subject.partition(".")[2], msg.data)
+                if stream.received_total >= total:
+                    done.set()
 
-            async def on_msg2(msg: Any) -> None:
-                stream2.ingest_bytes(msg.subject.partition(".")[2], msg.data)
-                if stream2.received_total >= total:
-                    done2.set()
-
-            await bus.subscribe_raw("flows.*", on_msg2)
+            await bus.subscribe_raw("flows.*", on_msg)
             await bus.nc.flush()
             pub = _spawn_publisher(server.url, total, args.latency_batch, args.rate)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done2.wait(), args.seconds * 3 + 30)
+                await asyncio.wait_for(done.wait(), args.seconds * 3 + 30)
             pub.wait(30)
-            await asyncio.sleep(0.2)  # let the followers take the last batch before reading
-            for f in stream2.hub.followers():
-                stream2.hub.remove(f)
+            for f in stream.hub.followers():
+                stream.hub.remove(f)
             await asyncio.gather(*tasks)
             latencies.sort()
             ms = [v / 1e6 for v in latencies]
             print(f"delivery to 10 filtered followers at {args.rate:,.0f} flows/s offered "
-                  f"({stream2.received_total:,} flows, {len(ms):,} deliveries, batches of "
+                  f"({stream.received_total:,} flows, {len(ms):,} deliveries, batches of "
                   f"{args.latency_batch}): p50 {statistics.median(ms):.2f} ms, "
                   f"p99 {ms[int(len(ms) * 0.99)]:.2f} ms, max {ms[-1]:.2f} ms")
             await bus.close()
@@ -216,7 +341,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--flows", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--followers", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=5, help="in-process rounds")
     ap.add_argument("--nats", action="store_true", help="NATS in the loop (see the docstring)")
     ap.add_argument("--rate", type=float, default=20_000)
     ap.add_argument("--seconds", type=float, default=5)
@@ -228,51 +353,12 @@ def main() -> None:
     if args.publish:
         asyncio.run(publish(args.publish, args.flows, args.batch, args.rate))
         return
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
+          f"Python {sys.version.split()[0]}, msgpack {msgpack.version}")
     if args.nats:
-        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         asyncio.run(nats_bench(args))
-        return
-
-    flows = make_flows(args.flows)
-    batches = [encode_batch(flows[i:i + args.batch]) for i in range(0, len(flows), args.batch)]
-    size = sum(len(b) for b in batches) / len(flows)
-    print(f"{len(flows)} flows, {size:.0f} bytes/flow on the wire, batches of {args.batch}")
-
-    ring = Ring()
-    measure("decode + ring append", batches, len(flows), ring.extend)
-
-    metrics = FlowMetrics.from_config(["flows-processed", "drop", "tcp", "port-distribution"])
-
-    def with_metrics(records: list[dict[str, object]]) -> None:
-        ring.extend(records)
-        metrics.observe_many(records)
-
-    measure("decode + ring append + 4 Hubble metrics", batches, len(flows), with_metrics)
-
-    hub = Hub(default_queue=1 << 30)
-    for flags in FOLLOWER_FLAGS[: args.followers]:
-        white, black = filters_from_flags(flags)
-        hub.add(FlowQuery(FilterSet(white, black)))
-
-    def with_fanout(records: list[dict[str, object]]) -> None:
-        ring.extend(records)
-        hub.publish(records)
-        for f in hub.followers():  # followers keep up here; the cost measured is ingest's
-            f.drain()
-
-    measure(f"decode + ring append + {len(hub)} filtered followers", batches, len(flows),
-            with_fanout)
-    hub1 = Hub(default_queue=1 << 30)
-    white, black = filters_from_flags(FOLLOWER_FLAGS[0])
-    hub1.add(FlowQuery(FilterSet(white, black)))
-
-    def with_one(records: list[dict[str, object]]) -> None:
-        ring.extend(records)
-        hub1.publish(records)
-        for f in hub1.followers():
-            f.drain()
-
-    measure("decode + ring append + 1 filtered follower", batches, len(flows), with_one)
+    else:
+        in_process(args)
 
 
 if __name__ == "__main__":
