@@ -8,6 +8,7 @@ node's directory): each node of a dev cluster acts only on its own processes.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import itertools
 import os
@@ -32,7 +33,7 @@ from services.security.core.compile import (
 )
 from services.security.core.events import HookInfo, PolicyInfo
 from services.security.core.spec import HookKind, PolicySpec, parse_resource
-from services.security.core.wire import Record, WireError, decode
+from services.security.core.wire import Record, decode_batch
 
 TRACEFS = Path("/sys/kernel/tracing/events")
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
@@ -91,6 +92,9 @@ class Loader:
     cgroup_subtree: Path
     """The node's cgroup v2 directory; only tasks inside it are observed or enforced on."""
     on_record: Callable[[Record], None]
+    on_policy: Callable[[LoadedPolicy], None] | None = None
+    """Called with a policy once loaded and before it is attached: whoever interprets its
+    records learns about it before the first one can arrive."""
     features: Any = None
     lost_records: int = 0
     policies: dict[str, LoadedPolicy] = field(default_factory=dict)
@@ -99,7 +103,10 @@ class Loader:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _poll_lock: threading.Lock = field(default_factory=threading.Lock)
     """Held while polling and while a BPF object is torn down, so no poll reads freed maps."""
-    _batch: list[Record] = field(default_factory=list)
+    _raw: list[bytes] = field(default_factory=list)
+    """Records as read by the ring buffer callbacks; decoded together once the poll is done."""
+    _held: list[Record] = field(default_factory=list)
+    """Records stamped after the last poll's cut (see ``poll``)."""
     _lost_unloaded: int = 0
     _instance: int = field(default_factory=lambda: next(_INSTANCES))
 
@@ -120,10 +127,7 @@ class Loader:
         return text.replace(PROCS_TABLE, f"{PROCS_TABLE}_{self._instance}")
 
     def _callback(self, _ctx: Any, data: Any, size: int) -> None:
-        try:
-            self._batch.append(decode(ctypes.string_at(data, size)))
-        except WireError:
-            self.lost_records += 1
+        self._raw.append(ctypes.string_at(data, size))
 
     def start(self) -> None:
         """Load and attach the always-on process lifecycle programs."""
@@ -177,21 +181,27 @@ class Loader:
                     k = table.Key()
                     ctypes.memmove(ctypes.addressof(k), raw, len(raw))
                     table[k] = table.Leaf(1)
+            bpf[b"events"].open_ring_buffer(self._callback)
+            info = PolicyInfo(
+                spec.name, spec.namespace,
+                [HookInfo(h.subsystem, h.event, h.args) for h in spec.hooks],
+            )
+            loaded = LoadedPolicy(spec, policy_id, compiled, bpf, info)
+            if self.on_policy is not None:
+                self.on_policy(loaded)
+            with self._lock:  # polled from here on: no record of it can wait unread
+                self.policies[key] = loaded
             for att in compiled.attachments:
                 if att.kind is not HookKind.TRACEPOINT:
                     raise MissingKernelFeature(att.kind.value)
                 bpf.attach_tracepoint(tp=att.target.encode(), fn_name=att.function.encode())
-            bpf[b"events"].open_ring_buffer(self._callback)
         except BaseException:
-            bpf.cleanup()
+            with self._lock:
+                if key in self.policies and self.policies[key].bpf is bpf:
+                    del self.policies[key]
+            with self._poll_lock:
+                bpf.cleanup()
             raise
-        info = PolicyInfo(
-            spec.name, spec.namespace,
-            [HookInfo(h.subsystem, h.event, h.args) for h in spec.hooks],
-        )
-        loaded = LoadedPolicy(spec, policy_id, compiled, bpf, info)
-        with self._lock:
-            self.policies[key] = loaded
         return loaded
 
     def set_allowed_cgroups(self, key: str, cgroup_ids: Iterable[int]) -> None:
@@ -213,6 +223,7 @@ class Loader:
         if loaded is None:
             return False
         with self._poll_lock:
+            loaded.bpf.ring_buffer_consume()  # its last records go out with the next poll
             self._lost_unloaded += _lost_count(loaded.bpf)
             loaded.bpf.cleanup()
         return True
@@ -228,22 +239,34 @@ class Loader:
     def poll(self, timeout_ms: int = 50) -> int:
         """Deliver pending records to on_record in time order; returns how many.
 
-        Records of one process come through several ring buffers (exec in the lifecycle one,
-        policy hits in the policy's own). Policy buffers are drained before the lifecycle buffer
-        is drained again, so the exec behind any policy record is in the same batch; the batch
-        is then delivered sorted by kernel time.
+        The lifecycle programs wake the reader only every so many records (see WAKE_EVERY in
+        lifecycle.c), so a poll usually returns after ``timeout_ms`` with a batch: the timeout
+        is the longest an event waits in the kernel.
+
+        Records of one process come through several ring buffers (exec and exit in the
+        lifecycle one, policy hits in the policy's own), so draining them one after another can
+        put a later record in an earlier batch. Hence a cut: the clock is read before draining,
+        and a record stamped after it waits for the next poll. A record stamped before the cut
+        had everything its task wrote earlier already in a buffer, so each batch is complete up
+        to the cut and is delivered sorted by kernel time.
         """
         with self._poll_lock:
             if self._lifecycle is None:
                 return 0
-            with self._lock:
-                loaded = list(self.policies.values())
             self._lifecycle.ring_buffer_poll(timeout_ms)
+            cut = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC
+            with self._lock:  # after the cut: any program that wrote before it is listed
+                loaded = list(self.policies.values())
             for policy in loaded:
                 policy.bpf.ring_buffer_consume()
             self._lifecycle.ring_buffer_consume()
-            batch, self._batch = self._batch, []
-        batch.sort(key=lambda r: r.header.ktime)
+            raw, self._raw = self._raw, []
+            batch, bad = decode_batch(raw)
+            batch.extend(self._held)
+            batch.sort(key=_ktime)
+            split = bisect.bisect_right(batch, cut, key=_ktime)
+            batch, self._held = batch[:split], batch[split:]
+        self.lost_records += bad
         for record in batch:
             self.on_record(record)
         return len(batch)
@@ -255,6 +278,10 @@ class Loader:
             if self._lifecycle is not None:
                 self._lifecycle.cleanup()
                 self._lifecycle = None
+
+
+def _ktime(record: Record) -> int:
+    return record.header.ktime
 
 
 def _lost_count(bpf: Any) -> int:

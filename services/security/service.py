@@ -14,7 +14,8 @@ import contextvars
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections import Counter as Counts
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from ciliate.runner import ServiceContext, ServiceSpec
 from ciliate.store import ResourceRepository, StoredResource
 from ciliate.store.database import UnitOfWork
 from services.security.core.compile import CompileError
-from services.security.core.events import EventBuilder, event_type, rfc3339
+from services.security.core.events import Event, EventBuilder, rfc3339
 from services.security.core.features import feature_field
 from services.security.core.filters import EVENT_SET_NAMES
 from services.security.core.pods import PodIndex, cgroup_path_in, names
@@ -47,7 +48,13 @@ from services.security.core.process_cache import (
 )
 from services.security.core.wire import Record
 from services.security.exporter import Exporter
-from services.security.loader import CGROUP2_ROOT, Loader, boot_wall_ns, policy_key
+from services.security.loader import (
+    CGROUP2_ROOT,
+    LoadedPolicy,
+    Loader,
+    boot_wall_ns,
+    policy_key,
+)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified/ciliate")
 POLICY_KINDS = ("TracingPolicy", "TracingPolicyNamespaced")
@@ -100,13 +107,19 @@ class Metrics:
                               "Events lost: ring buffer full, undecodable or not published",
                               registry=registry)
 
-    def count(self, event: Mapping[str, Any]) -> None:
-        kind = event_type(dict(event))
-        self.events.labels(EVENT_SET_NAMES.get(kind, kind.upper())).inc()
-        body = event.get(kind) or {}
-        if "policy_name" in body:
-            self.policy_events.labels(body["policy_name"],
-                                      f"{body.get('subsys')}/{body.get('event')}").inc()
+    def count(self, events: Iterable[Event]) -> None:
+        """One increment per label set per batch, not per event."""
+        by_kind: Counts[str] = Counts()
+        by_policy: Counts[tuple[str, str]] = Counts()
+        for event in events:
+            by_kind[event.kind] += 1
+            hook = event.hook
+            if event.policy is not None and hook is not None:
+                by_policy[(event.policy.name, f"{hook.subsystem}/{hook.event}")] += 1
+        for kind, n in by_kind.items():
+            self.events.labels(EVENT_SET_NAMES.get(kind, kind.upper())).inc(n)
+        for (policy, hook_name), n in by_policy.items():
+            self.policy_events.labels(policy, hook_name).inc(n)
 
 
 class SecurityAgent:
@@ -122,13 +135,13 @@ class SecurityAgent:
         self._last_scan = 0.0
         self.builder = EventBuilder(self.node, boot_wall_ns(), pod_of=self._pod_of)
         self.loader = Loader(cgroup_subtree=subtree, on_record=self._on_record,
-                             features=features)
+                             on_policy=self._on_policy, features=features)
         self.publisher = BatchPublisher(ctx.bus, process(self.node), source=self.node)
         self.active = False
         self.policy_docs: dict[str, dict[str, Any]] = {}
         self.policy_errors: dict[str, str] = {}
         self._policy_lock = asyncio.Lock()
-        self._out: list[dict[str, Any]] = []
+        self._out: list[Event] = []
         self._lost_seen = 0
         self._last_lost_check = 0.0
         self._last_gc = 0.0
@@ -304,19 +317,25 @@ class SecurityAgent:
             added += 1
         return added
 
+    def _on_policy(self, loaded: LoadedPolicy) -> None:
+        self.builder.policies[loaded.policy_id] = loaded.info
+
     def _on_record(self, record: Record) -> None:
-        for event in self.builder.handle(record):
+        event = self.builder.ingest(record)
+        if event is not None:
             self._out.append(event)
 
     def drain(self, timeout_ms: int = POLL_TIMEOUT_MS) -> tuple[list[dict[str, Any]], int]:
-        """One poll, in a worker thread: events built, counted and exported; new losses."""
+        """One poll, in a worker thread: the batch's events counted, their JSON built once for
+        the bus and the exporter; new losses."""
         self._out = []
         self.loader.poll(timeout_ms)
-        out, self._out = self._out, []
-        for event in out:
-            self.metrics.count(event)
-            if self.exporter is not None:
-                self.exporter.write(event)
+        batch, self._out = self._out, []
+        self.metrics.count(batch)
+        out = [event.to_json() for event in batch]
+        if self.exporter is not None:
+            for doc in out:
+                self.exporter.write(doc)
         now = time.monotonic()
         lost = 0
         if now - self._last_lost_check >= LOST_INTERVAL or out:
@@ -336,7 +355,7 @@ class SecurityAgent:
         while not self._stopping.is_set():
             events, lost = await asyncio.to_thread(self.drain)
             for event in events:
-                self.publisher.add(event)
+                self.publisher.add(event)  # batches of max_batch go out as one message
             if lost:
                 self.publisher.lost(lost)
             dropped = self.publisher.lost_total - dropped_before

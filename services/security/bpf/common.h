@@ -6,8 +6,11 @@
 
 #define PATH_LEN 256
 #define ARGS_LEN 512
-#define CWD_DEPTH 16
-#define NAME_LEN 64
+#define CWD_LEN 256     /* the current directory as one string, at most this long */
+#define CWD_DEPTH 16    /* path components walked up from the current directory */
+#define EXEC_DATA_LEN (PATH_LEN + ARGS_LEN + CWD_LEN)
+#define EXEC_TRUNC_ARGS 1
+#define EXEC_TRUNC_CWD 2
 #define TP_MAX_ARGS 5
 #define TP_STR_LEN 256
 
@@ -25,11 +28,17 @@ struct ev_hdr {
     u64 exec_ktime; /* ktime of the exec (or fork) that started this process image */
 };
 
+/* Only the used prefix is submitted: header, lengths, then binary, args and cwd back to back
+ * (no NULs between them, args keep their own separators). cwd_build is scratch where the cwd is
+ * assembled from the leaf up; it is never submitted. */
 struct ev_exec {
     struct ev_hdr h;
-    char binary[PATH_LEN];
-    char args[ARGS_LEN];
-    char cwd[CWD_DEPTH][NAME_LEN]; /* path components, leaf first */
+    u16 binary_len;
+    u16 args_len;
+    u16 cwd_len;
+    u16 flags;      /* EXEC_TRUNC_* */
+    char data[EXEC_DATA_LEN];
+    char cwd_build[2 * CWD_LEN];
 };
 
 struct ev_tp {

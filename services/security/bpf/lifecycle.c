@@ -52,13 +52,17 @@ static __always_inline u32 parent_tgid(void *task) {
     return tgid;
 }
 
-/* The current directory as components, leaf first, crossing mount points. */
-static __always_inline void read_cwd(void *task, struct ev_exec *e) {
+/* The current directory as one string, crossing mount points: each name is copied, from the
+ * leaf up, in front of what is already in the tail of cwd_build (after a '/'); one bounded read
+ * per component of exactly its length. Returns the start of the string in cwd_build, which ends
+ * at CWD_LEN; deeper or longer paths are cut at the root side and flagged. */
+static __always_inline u32 read_cwd(void *task, struct ev_exec *e) {
     void *fs = kread_ptr(task, {{task_struct.fs}});
     void *dentry = kread_ptr(fs, {{fs_struct.pwd}} + {{path.dentry}});
     void *vfsmnt = kread_ptr(fs, {{fs_struct.pwd}} + {{path.mnt}});
     void *mnt = (char *)vfsmnt - {{mount.mnt}};
-    int slot = 0;
+    u32 pos = CWD_LEN;
+    int depth = 0;
 #pragma unroll
     for (int i = 0; i < CWD_DEPTH + 4; i++) {
         void *mnt_root = kread_ptr(vfsmnt, {{vfsmount.mnt_root}});
@@ -74,15 +78,43 @@ static __always_inline void read_cwd(void *task, struct ev_exec *e) {
         }
         if (dentry == parent)
             break;
-        if (slot < CWD_DEPTH) {
-            void *name = kread_ptr(dentry, {{dentry.d_name}} + {{qstr.name}});
-            bpf_probe_read_kernel_str(e->cwd[slot], NAME_LEN, name);
-            slot++;
+        u32 raw_len = 0;
+        bpf_probe_read_kernel(&raw_len, sizeof(raw_len), (char *)dentry + {{dentry.d_name}} + {{qstr.len}});
+        u32 nlen = raw_len & (CWD_LEN - 1);  /* names are at most NAME_MAX (255) bytes */
+        if (depth >= CWD_DEPTH || nlen == 0 || nlen + 1 > pos) {
+            e->flags |= EXEC_TRUNC_CWD;
+            break;
         }
+        pos = (pos - nlen) & (CWD_LEN - 1);
+        void *name = kread_ptr(dentry, {{dentry.d_name}} + {{qstr.name}});
+        bpf_probe_read_kernel(&e->cwd_build[pos], nlen & (CWD_LEN - 1), name);
+        pos = (pos - 1) & (CWD_LEN - 1);
+        e->cwd_build[pos] = '/';
+        depth++;
         dentry = parent;
     }
-    if (slot < CWD_DEPTH)
-        e->cwd[slot][0] = 0;
+    if (pos == CWD_LEN) {  /* the root itself */
+        pos = CWD_LEN - 1;
+        e->cwd_build[pos] = '/';
+    }
+    return pos;
+}
+
+/* Records go out without waking the reader, except every WAKE_EVERY-th on a CPU: the agent
+ * reads in batches (a poll timeout bounds the delay), not once per exec. */
+#define WAKE_EVERY 64
+BPF_PERCPU_ARRAY(since_wakeup, u32, 1);
+
+static __always_inline u64 wake_flags(void) {
+    u32 zero = 0;
+    u32 *n = since_wakeup.lookup(&zero);
+    if (!n)
+        return 0;
+    *n += 1;
+    if (*n < WAKE_EVERY)
+        return BPF_RB_NO_WAKEUP;
+    *n = 0;
+    return BPF_RB_FORCE_WAKEUP;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exec) {
@@ -95,31 +127,51 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
         return 0;
     fill_hdr(&e->h, EV_EXEC);
     e->h.exec_ktime = e->h.ktime;
+    e->flags = 0;
     void *task = (void *)bpf_get_current_task();
     e->h.ppid = parent_tgid(task);
     unsigned short loc = args->data_loc_filename & 0xFFFF;
-    bpf_probe_read_kernel_str(e->binary, PATH_LEN, (char *)args + loc);
+
+    __builtin_memset(pi->binary, 0, PATH_LEN);
+    long blen = bpf_probe_read_kernel_str(pi->binary, PATH_LEN, (char *)args + loc);
+    u32 off = 0;
+    if (blen > 1)
+        off = (u32)(blen - 1);
+    off &= PATH_LEN - 1;  /* the read stops at PATH_LEN - 1 bytes and a NUL */
+    bpf_probe_read_kernel(e->data, off, pi->binary);
+    e->binary_len = off;
 
     void *mm = kread_ptr(task, {{task_struct.mm}});
     u64 arg_start = 0, arg_end = 0;
     bpf_probe_read_kernel(&arg_start, sizeof(arg_start), (char *)mm + {{mm_struct.arg_start}});
     bpf_probe_read_kernel(&arg_end, sizeof(arg_end), (char *)mm + {{mm_struct.arg_end}});
     u64 len = arg_end - arg_start;
-    if (len > ARGS_LEN - 1)
+    if (len > ARGS_LEN - 1) {
         len = ARGS_LEN - 1;
-    len &= (ARGS_LEN - 1);
-    e->h.aux2 = 0;
-    if (len > 0 && bpf_probe_read_user(e->args, len, (void *)arg_start) == 0)
-        e->h.aux2 = len;
-    read_cwd(task, e);
+        e->flags |= EXEC_TRUNC_ARGS;
+    }
+    u32 alen = 0;
+    if (len > 0 && bpf_probe_read_user(&e->data[off], len, (void *)arg_start) == 0)
+        alen = len;
+    e->args_len = alen;
+    off = (off + alen) & (EXEC_DATA_LEN - 1);  /* at most PATH_LEN + ARGS_LEN - 2 */
 
-    __builtin_memset(pi->binary, 0, PATH_LEN);
-    bpf_probe_read_kernel_str(pi->binary, PATH_LEN, (char *)args + loc);
+    u32 start = read_cwd(task, e);
+    if (start > CWD_LEN - 1)
+        start = CWD_LEN - 1;
+    u32 clen = (CWD_LEN - start) & (2 * CWD_LEN - 1);
+    bpf_probe_read_kernel(&e->data[off], clen, &e->cwd_build[start]);
+    e->cwd_len = clen;
+    off = (off + clen) & (2 * EXEC_DATA_LEN - 1);
+
     pi->exec_ktime = e->h.ktime;
     u32 tgid = e->h.pid;
     ciliate_procs.update(&tgid, pi);
     exits.delete(&tgid);
-    if (events.ringbuf_output(e, sizeof(*e), 0))
+    u64 size = offsetof(struct ev_exec, data) + off;
+    if (size > offsetof(struct ev_exec, cwd_build))
+        size = offsetof(struct ev_exec, cwd_build);
+    if (events.ringbuf_output(e, size, wake_flags()))
         count_lost();
     return 0;
 }
@@ -139,7 +191,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
         h.exec_ktime = pi->exec_ktime;
         ciliate_procs.update(&child, pi);
     }
-    if (events.ringbuf_output(&h, sizeof(h), 0))
+    if (events.ringbuf_output(&h, sizeof(h), wake_flags()))
         count_lost();
     return 0;
 }
@@ -197,7 +249,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     struct proc_info *pi = ciliate_procs.lookup(&tgid);
     if (pi)
         h.exec_ktime = pi->exec_ktime;
-    if (events.ringbuf_output(&h, sizeof(h), 0))
+    if (events.ringbuf_output(&h, sizeof(h), wake_flags()))
         count_lost();
     exits.delete(&tgid);
     ciliate_procs.delete(&tgid);

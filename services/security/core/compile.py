@@ -46,6 +46,7 @@ LIFECYCLE_OFFSETS: tuple[str, ...] = (
     "dentry.d_parent",
     "dentry.d_name",
     "qstr.name",
+    "qstr.len",
     "vfsmount.mnt_root",
     "mount.mnt",
     "mount.mnt_parent",

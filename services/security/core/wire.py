@@ -5,17 +5,22 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 PATH_LEN = 256
 ARGS_LEN = 512
-CWD_DEPTH = 16
-NAME_LEN = 64
+CWD_LEN = 256
 TP_MAX_ARGS = 5
 TP_STR_LEN = 256
+EXEC_TRUNC_ARGS = 1
+EXEC_TRUNC_CWD = 2
 
 _HDR = struct.Struct("<IIIIQQIIIIQ")
 HDR_SIZE = _HDR.size  # 56
-EXEC_SIZE = HDR_SIZE + PATH_LEN + ARGS_LEN + CWD_DEPTH * NAME_LEN
+_EXEC_LENS = struct.Struct("<HHHH")  # binary_len, args_len, cwd_len, flags
+EXEC_FIXED_SIZE = HDR_SIZE + _EXEC_LENS.size
+"""An exec record is this plus the used bytes of binary, args and cwd (variable size)."""
+EXEC_MAX_SIZE = EXEC_FIXED_SIZE + PATH_LEN + ARGS_LEN + CWD_LEN
 TP_SIZE = HDR_SIZE + 8 * TP_MAX_ARGS + TP_MAX_ARGS * TP_STR_LEN
 
 
@@ -26,8 +31,9 @@ class EventKind(IntEnum):
     TRACEPOINT = 4
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
+    """A tuple, not a dataclass: one is built per record, so construction cost matters."""
+
     kind: EventKind
     pid: int
     tid: int
@@ -47,6 +53,7 @@ class ExecRecord:
     binary: str
     args: list[str]  # argv, argv[0] included
     cwd: str
+    flags: int = 0  # EXEC_TRUNC_*
 
 
 @dataclass(frozen=True)
@@ -101,39 +108,35 @@ def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
-def cwd_from_components(components: list[str]) -> str:
-    """Components come leaf first from the kernel; an empty list is the root."""
-    parts = [c for c in components if c and c != "/"]
-    return "/" + "/".join(reversed(parts))
+_KINDS = {k.value: k for k in EventKind}
+_unpack_hdr = _HDR.unpack_from
+_unpack_lens = _EXEC_LENS.unpack_from
 
 
 def decode(data: bytes) -> Record:
     if len(data) < HDR_SIZE:
         raise WireError(f"record of {len(data)} bytes is shorter than the header")
-    fields = _HDR.unpack_from(data, 0)
-    try:
-        kind = EventKind(fields[0])
-    except ValueError:
-        raise WireError(f"unknown record kind {fields[0]}") from None
+    fields = _unpack_hdr(data, 0)
+    kind = _KINDS.get(fields[0])
+    if kind is None:
+        raise WireError(f"unknown record kind {fields[0]}")
     header = Header(kind, *fields[1:])
     if kind is EventKind.EXEC:
-        if len(data) < EXEC_SIZE:
-            raise WireError(f"exec record of {len(data)} bytes, expected {EXEC_SIZE}")
-        pos = HDR_SIZE
-        binary = _cstr(data[pos : pos + PATH_LEN])
-        pos += PATH_LEN
-        arg_bytes = data[pos : pos + min(header.aux2, ARGS_LEN)]
-        args = [a.decode(errors="replace") for a in arg_bytes.split(b"\0")]
+        if len(data) < EXEC_FIXED_SIZE:
+            raise WireError(f"exec record of {len(data)} bytes, expected {EXEC_FIXED_SIZE}+")
+        binary_len, args_len, cwd_len, flags = _unpack_lens(data, HDR_SIZE)
+        end = EXEC_FIXED_SIZE + binary_len + args_len + cwd_len
+        if len(data) < end:
+            raise WireError(f"exec record of {len(data)} bytes, its lengths need {end}")
+        pos = EXEC_FIXED_SIZE
+        binary = data[pos : pos + binary_len].decode(errors="replace")
+        pos += binary_len
+        args = data[pos : pos + args_len].decode(errors="replace").split("\0")
         if args and args[-1] == "":
             args.pop()
-        pos += ARGS_LEN
-        components: list[str] = []
-        for i in range(CWD_DEPTH):
-            name = _cstr(data[pos + i * NAME_LEN : pos + (i + 1) * NAME_LEN])
-            if not name:
-                break
-            components.append(name)
-        return ExecRecord(header, binary, args, cwd_from_components(components))
+        pos += args_len
+        cwd = data[pos : pos + cwd_len].decode(errors="replace") or "/"
+        return ExecRecord(header, binary, args, cwd, flags)
     if kind is EventKind.EXIT:
         return ExitRecord(header)
     if kind is EventKind.FORK:
@@ -147,3 +150,15 @@ def decode(data: bytes) -> Record:
         for i in range(TP_MAX_ARGS)
     )
     return TracepointRecord(header, ints, strs)
+
+
+def decode_batch(raws: list[bytes]) -> tuple[list[Record], int]:
+    """Decode what one poll read; returns the records and how many were undecodable."""
+    out: list[Record] = []
+    bad = 0
+    for raw in raws:
+        try:
+            out.append(decode(raw))
+        except WireError:
+            bad += 1
+    return out, bad

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import struct
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,15 +19,15 @@ from services.security.core.process_cache import (
 )
 from services.security.core.spec import ArgSpec, ArgType
 from services.security.core.wire import (
-    ARGS_LEN,
-    CWD_DEPTH,
+    EXEC_FIXED_SIZE,
+    EXEC_TRUNC_ARGS,
     HDR_SIZE,
-    NAME_LEN,
-    PATH_LEN,
     TP_MAX_ARGS,
     TP_STR_LEN,
     EventKind,
+    WireError,
     decode,
+    decode_batch,
 )
 
 
@@ -35,15 +36,14 @@ def header(kind: EventKind, pid: int, ktime: int, *, ppid: int = 0, aux: tuple[i
     return struct.pack("<IIIIQQIIIIQ", kind, pid, pid, ppid, ktime, 77, 1000, *aux, exec_ktime)
 
 
-def exec_bytes(pid: int, ppid: int, ktime: int, binary: str, argv: list[str],
-               cwd_leaf_first: list[str]) -> bytes:
+def exec_bytes(pid: int, ppid: int, ktime: int, binary: str, argv: list[str], cwd: str,
+               flags: int = 0) -> bytes:
+    """An exec record as lifecycle.c submits it: only the used bytes, back to back."""
     args = b"\0".join(a.encode() for a in argv) + b"\0"
-    out = header(EventKind.EXEC, pid, ktime, ppid=ppid, aux=(0, 0, len(args)), exec_ktime=ktime)
-    out += binary.encode().ljust(PATH_LEN, b"\0") + args.ljust(ARGS_LEN, b"\0")
-    for i in range(CWD_DEPTH):
-        name = cwd_leaf_first[i].encode() if i < len(cwd_leaf_first) else b""
-        out += name.ljust(NAME_LEN, b"\0")
-    return out
+    out = header(EventKind.EXEC, pid, ktime, ppid=ppid, exec_ktime=ktime)
+    raw_binary, raw_cwd = binary.encode(), cwd.encode()
+    out += struct.pack("<HHHH", len(raw_binary), len(args), len(raw_cwd), flags)
+    return out + raw_binary + args + raw_cwd
 
 
 def test_exec_id_is_base64_node_ktime_pid() -> None:
@@ -52,10 +52,10 @@ def test_exec_id_is_base64_node_ktime_pid() -> None:
 
 def test_exec_then_exit_with_sigkill_in_tetragon_shape() -> None:
     b = EventBuilder(node="n1", boot_wall_ns=1_700_000_000 * 10**9)
-    parent = b.handle(decode(exec_bytes(10, 1, 100, "/bin/sh", ["sh"], [])))
+    parent = b.handle(decode(exec_bytes(10, 1, 100, "/bin/sh", ["sh"], "/")))
     assert parent[0]["process_exec"]["process"]["cwd"] == "/"
     [ev] = b.handle(decode(exec_bytes(11, 10, 200, "/tmp/x", ["/tmp/x", "a b", "c"],
-                                      ["work", "home"])))
+                                      "/home/work")))
     proc = ev["process_exec"]["process"]
     assert proc["binary"] == "/tmp/x" and proc["arguments"] == '"a b" c'
     assert proc["cwd"] == "/home/work" and proc["pid"] == 11 and proc["uid"] == 1000
@@ -75,7 +75,7 @@ def test_tracepoint_record_carries_policy_args_and_action() -> None:
     b.policies[3] = PolicyInfo("watch", None, [HookInfo("syscalls", "sys_enter_openat", [
         ArgSpec(5, ArgType.INT, "int", size=8, signed=True),
         ArgSpec(6, ArgType.STRING, "string")])])
-    b.handle(decode(exec_bytes(20, 1, 50, "/usr/bin/cat", ["cat"], [])))
+    b.handle(decode(exec_bytes(20, 1, 50, "/usr/bin/cat", ["cat"], "/")))
     ints = struct.pack(f"<{TP_MAX_ARGS}Q", (1 << 64) - 100, 0, 0, 0, 0)
     strs = b"".join(s.ljust(TP_STR_LEN, b"\0") for s in [b"", b"/etc/passwd", b"", b"", b""])
     raw = header(EventKind.TRACEPOINT, 20, 60, aux=(3, 0, 1), exec_ktime=50) + ints + strs
@@ -90,7 +90,7 @@ def test_tracepoint_record_carries_policy_args_and_action() -> None:
 
 def test_fork_without_exec_gets_its_own_exec_id_and_the_parents_binary() -> None:
     b = EventBuilder(node="n", boot_wall_ns=0)
-    b.handle(decode(exec_bytes(30, 1, 10, "/bin/bash", ["bash"], [])))
+    b.handle(decode(exec_bytes(30, 1, 10, "/bin/bash", ["bash"], "/")))
     assert b.handle(decode(header(EventKind.FORK, 31, 20, ppid=30, exec_ktime=10))) == []
     [ex] = b.handle(decode(header(EventKind.EXIT, 31, 30, aux=(3, 0, 0), exec_ktime=10)))
     assert ex["process_exit"]["process"]["binary"] == "/bin/bash"
@@ -131,3 +131,45 @@ def test_proc_parsing_handles_parentheses_in_comm() -> None:
     assert (parsed.pid, parsed.comm, parsed.ppid, parsed.start_ticks) == (
         42, "we(ird) name)", 7, 12345)
     assert parse_cmdline(b"sleep\x0010\x00") == ["sleep", "10"]
+
+
+@given(binary=st.text(min_size=1, max_size=40).filter(lambda s: "\0" not in s),
+       argv=st.lists(st.text(max_size=20).filter(lambda s: "\0" not in s), min_size=1,
+                     max_size=6),
+       cwd=st.text(max_size=60).filter(lambda s: "\0" not in s))
+def test_exec_record_round_trips_with_only_the_used_bytes(binary: str, argv: list[str],
+                                                          cwd: str) -> None:
+    raw = exec_bytes(5, 1, 9, binary, argv, "/" + cwd)
+    record = decode(raw)
+    assert len(raw) == EXEC_FIXED_SIZE + len(binary.encode()) + len(
+        b"\0".join(a.encode() for a in argv)) + 1 + len(("/" + cwd).encode())
+    assert record.binary == binary and record.args == argv  # type: ignore[union-attr]
+    assert record.cwd == "/" + cwd  # type: ignore[union-attr]
+
+
+def test_exec_record_cut_short_is_refused_and_counted_in_a_batch() -> None:
+    good = exec_bytes(5, 1, 9, "/bin/true", ["true"], "/")
+    with pytest.raises(WireError, match="lengths need"):
+        decode(good[:-1])
+    records, bad = decode_batch([good, good[:-1], b"\0" * 3])
+    assert [r.header.pid for r in records] == [5] and bad == 2
+
+
+def test_truncated_arguments_are_flagged_like_tetragon() -> None:
+    b = EventBuilder(node="n", boot_wall_ns=0)
+    [ev] = b.handle(decode(exec_bytes(7, 1, 5, "/bin/echo", ["echo", "x" * 30], "/",
+                                      flags=EXEC_TRUNC_ARGS)))
+    assert ev["process_exec"]["process"]["flags"] == "execve truncArgs"
+
+
+def test_events_are_built_lazily_from_what_was_known_at_ingest() -> None:
+    """ingest does no JSON work; to_json later still shows the parent as it was then."""
+    b = EventBuilder(node="n", boot_wall_ns=10**18)
+    b.ingest(decode(exec_bytes(40, 1, 10, "/bin/sh", ["sh"], "/")))
+    event = b.ingest(decode(exec_bytes(41, 40, 20, "/bin/ls", ["ls", "-l"], "/srv")))
+    assert event is not None and event.kind == "process_exec" and event.policy_name is None
+    b.cache.gc(2 * 10**18)  # nothing exited: nothing collected
+    doc = event.to_json()
+    assert doc["process_exec"]["parent"]["binary"] == "/bin/sh"
+    assert doc["process_exec"]["process"]["cwd"] == "/srv"
+    assert doc["time"].startswith("2001-09-09T01:46:40.") and doc["time"].endswith("Z")
