@@ -1,7 +1,9 @@
 """Compile a PolicySpec into BPF C text (from the template) plus the contents of its maps.
 
 Selectors become straight-line C with the policy's constants inlined, so a non-matching event
-costs a few compares; sets that may be large (matchBinaries In/NotIn) become hash maps whose
+costs a few compares: checks run cheapest first (node cgroup, pod cgroups, pids, namespaces,
+then the binary, whose process-map lookup is done only when a selector asks, then arguments,
+whose strings are read only when a selector or the event needs them); sets that may be large (matchBinaries In/NotIn) become hash maps whose
 contents the loader writes after loading. Kernel struct offsets are parameters (from BTF);
 tracepoint field offsets come from the format file the spec was validated against.
 """
@@ -204,11 +206,11 @@ class _HookCompiler:
                           values: tuple[str, ...]) -> str:
         if op is BinaryOperator.PREFIX:
             terms = [f"({_bytes_equal('pi->binary', v.encode())})" for v in values]
-            return "(pi && (" + " || ".join(terms) + "))"
+            return "(proc() && (" + " || ".join(terms) + "))"
         name = f"bins_{self.hook_index}_{sel_index}_{k}"
         self.declarations.append(f"BPF_HASH({name}, struct bin_key, u8, {max(len(values), 1)});")
         self.maps[name] = [binary_key(v) for v in values]
-        found = f"(pi && {name}.lookup((struct bin_key *)pi->binary))"
+        found = f"(proc() && {name}.lookup((struct bin_key *)pi->binary))"
         return found if op is BinaryOperator.IN else f"!{found}"
 
     def _selector_condition(self, sel_index: int, sel: Selector) -> str:
@@ -261,7 +263,7 @@ class _HookCompiler:
         lines += [
             f"if ({guard}) {{",
             "    read_strs();",
-            "    fill_hdr(&e->h, pi);",
+            "    fill_hdr(&e->h, proc());",
             f"    e->h.aux1 = {hook_sel};",
             f"    e->h.aux2 = {code};",
             "    if (events.ringbuf_output(e, sizeof(*e), 0))",
@@ -294,7 +296,10 @@ class _HookCompiler:
             "    if (!e)",
             "        return 0;",
             "    u32 tgid = bpf_get_current_pid_tgid() >> 32;",
-            "    struct proc_info *pi = ciliate_procs.lookup(&tgid);",
+            "    struct proc_info *pi = 0;",
+            "    int pi_read = 0;",
+            "    #define proc() ({ if (!pi_read) { pi = ciliate_procs.lookup(&tgid); "
+            "pi_read = 1; } pi; })",
             "    void *task = (void *)bpf_get_current_task();",
             "    (void)task;",
         ]
@@ -319,7 +324,7 @@ class _HookCompiler:
             body.append(f"    if ({cond}) {{")
             body += ["        " + line for line in self._actions(sel_index, sel.actions)]
             body.append("    }")
-        body += ["    #undef read_strs", "    return 0;", "}"]
+        body += ["    #undef read_strs", "    #undef proc", "    return 0;", "}"]
         return "\n".join(body)
 
 

@@ -106,7 +106,25 @@ def test_binary_sets_become_map_contents() -> None:
     maps = cp.maps  # type: ignore[attr-defined]
     assert list(maps.values()) == [[binary_key("/bin/sh"), binary_key("/bin/ls")]]
     assert all(len(k) == 256 for k in next(iter(maps.values())))
-    assert "!(pi && bins_0_0_0.lookup" in cp.c_text  # type: ignore[attr-defined]
+    assert "!(proc() && bins_0_0_0.lookup" in cp.c_text  # type: ignore[attr-defined]
+
+
+def test_a_non_matching_event_leaves_by_the_cheapest_check_first() -> None:
+    """Scope, then binary, then args; the process map is read only when a selector needs it and
+    the path string only when an argument check does."""
+    cp = compiled({"matchBinaries": [{"operator": "In", "values": ["/bin/cat"]}],
+                   "matchArgs": [{"index": 6, "operator": "Prefix", "values": ["/etc/"]}]})
+    text = cp.c_text  # type: ignore[attr-defined]
+    hook = text[text.index("int hook_0"):]
+    scope, binary, args = (hook.index("node_cgroup.check_current_task"),
+                           hook.index("bins_0_0_0.lookup"), hook.index("(read_strs() &&"))
+    assert scope < binary < args
+    lookups = [i for i in range(len(hook)) if hook.startswith("ciliate_procs.lookup", i)]
+    assert len(lookups) == 1 and "#define proc()" in hook[lookups[0] - 80 : lookups[0]]
+    only_args = compiled({"matchArgs": [{"index": 6, "operator": "Prefix",
+                                         "values": ["/nonexistent/"]}]}).c_text  # type: ignore
+    condition = only_args[only_args.index("    if ((read_strs()"):]
+    assert "proc()" not in condition.split("{", 1)[0]
 
 
 def test_namespaced_policy_is_restricted_to_allowed_cgroups() -> None:
