@@ -27,6 +27,11 @@ static __always_inline void *kread_ptr(void *base, u64 off) {
     return p;
 }
 
+/* A function, not inline in the hook's macro: bcc rewrites map calls only outside macros. */
+static __always_inline struct proc_info *lookup_proc(u32 tgid) {
+    return ciliate_procs.lookup(&tgid);
+}
+
 static __always_inline void fill_hdr(struct ev_hdr *h, struct proc_info *pi) {
     u64 id = bpf_get_current_pid_tgid();
     h->kind = EV_TRACEPOINT;

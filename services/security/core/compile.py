@@ -3,7 +3,8 @@
 Selectors become straight-line C with the policy's constants inlined, so a non-matching event
 costs a few compares: checks run cheapest first (node cgroup, pod cgroups, pids, namespaces,
 then the binary, whose process-map lookup is done only when a selector asks, then arguments,
-whose strings are read only when a selector or the event needs them); sets that may be large (matchBinaries In/NotIn) become hash maps whose
+whose strings are read only when a selector or the event needs them); sets that may be large
+(matchBinaries In/NotIn) become hash maps whose
 contents the loader writes after loading. Kernel struct offsets are parameters (from BTF);
 tracepoint field offsets come from the format file the spec was validated against.
 """
@@ -298,7 +299,7 @@ class _HookCompiler:
             "    u32 tgid = bpf_get_current_pid_tgid() >> 32;",
             "    struct proc_info *pi = 0;",
             "    int pi_read = 0;",
-            "    #define proc() ({ if (!pi_read) { pi = ciliate_procs.lookup(&tgid); "
+            "    #define proc() ({ if (!pi_read) { pi = lookup_proc(tgid); "
             "pi_read = 1; } pi; })",
             "    void *task = (void *)bpf_get_current_task();",
             "    (void)task;",

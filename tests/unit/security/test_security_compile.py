@@ -119,7 +119,8 @@ def test_a_non_matching_event_leaves_by_the_cheapest_check_first() -> None:
     scope, binary, args = (hook.index("node_cgroup.check_current_task"),
                            hook.index("bins_0_0_0.lookup"), hook.index("(read_strs() &&"))
     assert scope < binary < args
-    lookups = [i for i in range(len(hook)) if hook.startswith("ciliate_procs.lookup", i)]
+    assert "ciliate_procs.lookup" not in hook
+    lookups = [i for i in range(len(hook)) if hook.startswith("lookup_proc(", i)]
     assert len(lookups) == 1 and "#define proc()" in hook[lookups[0] - 80 : lookups[0]]
     only_args = compiled({"matchArgs": [{"index": 6, "operator": "Prefix",
                                          "values": ["/nonexistent/"]}]}).c_text  # type: ignore
