@@ -161,7 +161,9 @@ def report(outcomes: list[Outcome], args: argparse.Namespace, load: float,
     lines = [
         HEADING,
         "",
-        f"Command: `{COMMAND}`. {args.pods} pods per row through `POST /v1/resources` "
+        f"Command: `{COMMAND} --pods {args.pods} --rate {args.rate:.0f} --clients {args.clients}"
+        f"` (add `--before FILE` to keep notes under the table). {args.pods} pods per row "
+        f"through `POST /v1/resources` "
         f"(identity, IP from the node's pod CIDR, endpoint id and KV endpoints/identities/ipcache "
         f"per pod), {args.apps} apps over {args.namespaces} namespaces and {args.nodes} virtual "
         f"nodes, offered at {args.rate:.0f}/s round-robin over the replicas with at most "
