@@ -71,12 +71,40 @@ class MonitorAggregation(IntEnum):
     MAXIMUM = 4
 
 
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK, TCP_URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+TCP_FLAG_OPTIONS = {"none": 0, "all": 0xFF, "fin": TCP_FIN, "syn": TCP_SYN, "rst": TCP_RST,
+                    "psh": TCP_PSH, "ack": TCP_ACK, "urg": TCP_URG, "ece": 0x40, "cwr": 0x80}
+"""Names accepted by ``CILIATE_MONITOR_AGGREGATION_FLAGS`` (Cilium's option, comma-separated)."""
+
+
+def parse_tcp_flags(text: str) -> int:
+    """``"syn,fin,rst"`` -> the bit mask; unknown names raise ValueError."""
+    bits = 0
+    for name in filter(None, (p.strip().lower() for p in text.split(","))):
+        if name not in TCP_FLAG_OPTIONS:
+            raise ValueError(f"unknown TCP flag {name!r}; known: {', '.join(TCP_FLAG_OPTIONS)}")
+        bits |= TCP_FLAG_OPTIONS[name]
+    return bits
+
+
+class PolicyVerdictLog(IntEnum):
+    """Which new connections make a policy-verdict event (``CILIATE_POLICY_VERDICT_LOG``)."""
+
+    NONE = 0
+    DENIED = 1
+    """Audited (would-be denied) ones; allowed ones only below medium aggregation."""
+    ALL = 2
+
+
 @dataclass(frozen=True)
 class MonitorConfig:
     """Trace-event aggregation: Cilium's defaults are medium with a 5 s report interval."""
 
     aggregation: MonitorAggregation = MonitorAggregation.MEDIUM
     interval_s: int = 5
+    policy_verdicts: PolicyVerdictLog = PolicyVerdictLog.DENIED
+    flags: int = TCP_SYN | TCP_FIN | TCP_RST
+    """TCP flags reported on their first appearance per connection side (medium)."""
 
 
 def render_source(pins: Path, sizes: MapSizes, monitor: MonitorConfig | None = None) -> str:
@@ -86,6 +114,8 @@ def render_source(pins: Path, sizes: MapSizes, monitor: MonitorConfig | None = N
     for name, value in {
         "__MONITOR_AGGREGATION__": str(int(mon.aggregation)),
         "__MONITOR_INTERVAL_S__": str(max(1, mon.interval_s)),
+        "__POLICY_VERDICT_LOG__": str(int(mon.policy_verdicts)),
+        "__MONITOR_FLAGS__": hex(mon.flags & 0xFF),
         "__PIN_DIR__": str(pins),
         "__CT_TCP_SIZE__": str(sizes.ct_tcp),
         "__CT_ANY_SIZE__": str(sizes.ct_any),
@@ -235,6 +265,9 @@ class Datapath:
             self.bpf[b"cil_events"].open_ring_buffer(self._on_event)
             self._ring_open = True
         self.bpf.ring_buffer_poll(timeout_ms)
+        # Records written without a wake-up (the program wakes the reader once per batch) are
+        # not reported by epoll: take whatever the ring holds after every poll.
+        self.bpf.ring_buffer_consume()
         return self.decoder.drain()
 
     def _on_event(self, _ctx: Any, data: Any, size: int) -> None:

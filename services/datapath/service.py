@@ -32,7 +32,14 @@ from .cni.agent import CniAgent
 from .core.flows import FlowContext, event_to_flow
 from .core.model import EndpointFlag, EnforcementMode
 from .core.plan import DesiredState, desired_state
-from .loader import Datapath, MapSizes, MonitorAggregation, MonitorConfig
+from .loader import (
+    Datapath,
+    MapSizes,
+    MonitorAggregation,
+    MonitorConfig,
+    PolicyVerdictLog,
+    parse_tcp_flags,
+)
 from .maps import PIN_ROOT
 from .proxy.core.policy import PolicyView
 from .proxy.dns_proxy import DNSProxy, Learner
@@ -110,7 +117,9 @@ class AgentConfig:
             audit=_flag(opt("POLICY_AUDIT_MODE"), False),
             monitor=MonitorConfig(
                 MonitorAggregation[(opt("MONITOR_AGGREGATION") or "medium").upper()],
-                int(opt("MONITOR_AGGREGATION_INTERVAL") or 5)),
+                int(opt("MONITOR_AGGREGATION_INTERVAL") or 5),
+                PolicyVerdictLog[(opt("POLICY_VERDICT_LOG") or "denied").upper()],
+                parse_tcp_flags(opt("MONITOR_AGGREGATION_FLAGS") or "syn,fin,rst")),
             ct_gc_interval_s=float(opt("CT_GC_INTERVAL") or 30),
             metrics_interval_s=float(opt("METRICS_INTERVAL") or 5),
             l7_proxy=_flag(opt("L7_PROXY"), True),
@@ -300,6 +309,7 @@ class DatapathAgent:
         self.ctx.status.update({
             "node": cfg.node, "dev_mode": cfg.dev_mode, "enforcement": cfg.enforcement.value,
             "audit": cfg.audit, "monitor_aggregation": cfg.monitor.aggregation.name.lower(),
+            "policy_verdict_log": cfg.monitor.policy_verdicts.name.lower(),
             "programs": self.dp.program_info(), "synced": False, "cni": self.cni is not None,
             "l7_proxy": self.pdp is not None,
         })

@@ -42,11 +42,39 @@
 // Monitor aggregation (Cilium's --monitor-aggregation): 0 none = a trace event per packet;
 // >= 3 medium = per connection and direction only when new TCP flags appear or the report
 // interval passed; >= 4 maximum = only on new TCP flags.
+//
+// From lowest on, packets are traced only where they enter the pod (to_container, Cilium's
+// TO_LXC); the from_container side (FROM_LXC, a receive point) is silent, as Cilium hides
+// receive-side traces (TRACE_AGGREGATE_RX), so each packet of a same-node connection is
+// reported once at most.
 #define MONITOR_AGGREGATION __MONITOR_AGGREGATION__
 #define MONITOR_INTERVAL_S __MONITOR_INTERVAL_S__
+#define AGG_LOWEST 1
 #define AGG_MEDIUM 3
 #define AGG_MAXIMUM 4
-#define TRACE_FLAGS (TCPF_SYN | TCPF_FIN | TCPF_RST | TCPF_ACK)
+
+// Policy-verdict log (CILIATE_POLICY_VERDICT_LOG): 0 none; 1 denied (default) = verdict events
+// for audited (would-be denied) connections, and for allowed ones only below medium
+// aggregation; 2 all = a verdict for every new connection. Drops always make a drop event.
+// When no verdict stands for an allowed connection's first packet, it is traced instead
+// (subject to the aggregation above).
+#define POLICY_VERDICT_LOG __POLICY_VERDICT_LOG__
+#define PV_LOG_NONE 0
+#define PV_LOG_DENIED 1
+#define PV_LOG_ALL 2
+#define LOG_ALLOWED_VERDICTS \
+    (POLICY_VERDICT_LOG == PV_LOG_ALL || \
+     (POLICY_VERDICT_LOG == PV_LOG_DENIED && MONITOR_AGGREGATION < AGG_MEDIUM))
+// TCP flags whose first appearance per connection side is reported at medium aggregation
+// (Cilium's --monitor-aggregation-flags; default syn,fin,rst).
+#define TRACE_FLAGS (__MONITOR_FLAGS__)
+
+// Ring-buffer wake-ups: a record wakes the reader only every EVENTS_WAKEUP_BATCH-th time per
+// CPU (BPF_RB_NO_WAKEUP otherwise), so the reader takes records in batches; its poll timeout
+// (100 ms) bounds how long a quiet record waits.
+#define EVENTS_WAKEUP_BATCH 64
+#define RB_NO_WAKEUP 1
+#define RB_FORCE_WAKEUP 2
 
 // Metrics index: reason * 4 + direction (reason 0 = forwarded).
 #define METRICS_SLOTS 1024
@@ -155,6 +183,7 @@ struct metrics_val {
 // events the ring buffer refused (reported as LostEvent records, never silently).
 BPF_PERCPU_ARRAY(cil_metrics, struct metrics_val, METRICS_SLOTS);
 BPF_PERCPU_ARRAY(cil_events_lost, u64, 1);
+BPF_PERCPU_ARRAY(cil_events_wake, u32, 1);
 
 static __always_inline void count(u8 reason, u8 dir, u32 len) {
     u32 idx = ((u32)reason << 2) | dir;
@@ -262,8 +291,14 @@ static __always_inline void emit(struct pkt *p, struct __sk_buff *skb, u8 type, 
     ev.tcp_flags = p->tcp_flags;
     ev.is_reply = is_reply;
     ev.match_type = match;
-    if (cil_events.ringbuf_output(&ev, sizeof(ev), 0) != 0) {
-        u32 zero = 0;
+    u32 zero = 0;
+    u64 flags = RB_NO_WAKEUP;
+    u32 *since_wake = cil_events_wake.lookup(&zero);
+    if (since_wake && ++*since_wake >= EVENTS_WAKEUP_BATCH) {
+        *since_wake = 0;
+        flags = RB_FORCE_WAKEUP;
+    }
+    if (cil_events.ringbuf_output(&ev, sizeof(ev), flags) != 0) {
         u64 *lost = cil_events_lost.lookup(&zero);
         if (lost)
             *lost += 1;
@@ -275,6 +310,8 @@ static __always_inline void emit(struct pkt *p, struct __sk_buff *skb, u8 type, 
 // time in seconds (bits 16-31, wrapping).
 static __always_inline void trace(struct ct_val *e, struct pkt *p, struct __sk_buff *skb, u8 dir,
                                   int reply) {
+    if (dir == DIR_EGRESS && MONITOR_AGGREGATION >= AGG_LOWEST)
+        return;  // receive-side (FROM_LXC) traces are hidden from lowest on
     u32 src_id = dir == DIR_EGRESS ? e->local_identity : e->peer_identity;
     u32 dst_id = dir == DIR_EGRESS ? e->peer_identity : e->local_identity;
     if (MONITOR_AGGREGATION < AGG_MEDIUM) {
@@ -295,6 +332,15 @@ static __always_inline void trace(struct ct_val *e, struct pkt *p, struct __sk_b
     seen |= flags;
     e->pad = (now_s << 16) | (state & ~(0xffu << shift) & 0xffff) | (seen << shift);
     emit(p, skb, MSG_TRACE, VERDICT_FORWARDED, 0, dir, src_id, dst_id, 0, 0, reply);
+}
+
+// The first packet of an allowed connection when no verdict event stands for it: traced where
+// traces are kept (always at to_container, at from_container only without aggregation).
+static __always_inline void trace_first(struct pkt *p, struct __sk_buff *skb, u8 dir, u32 src_id,
+                                        u32 dst_id, u32 ep_id) {
+    if (dir == DIR_EGRESS && MONITOR_AGGREGATION >= AGG_LOWEST)
+        return;
+    emit(p, skb, MSG_TRACE, VERDICT_FORWARDED, 0, dir, src_id, dst_id, ep_id, 0, 0);
 }
 
 static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
@@ -358,7 +404,7 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
     if (!(ep_flags & enforce_bit)) {
         ct_create(&k, &nv);
         count(0, dir, skb->len);
-        emit(&p, skb, MSG_TRACE, VERDICT_FORWARDED, 0, dir, src_id, dst_id, ep_id, 0, 0);
+        trace_first(&p, skb, dir, src_id, dst_id, ep_id);
         return TC_ACT_OK;
     }
 
@@ -395,15 +441,21 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
     if (reason == 0) {
         ct_create(&k, &nv);
         count(0, dir, skb->len);
-        emit(&p, skb, MSG_POLICY_VERDICT, VERDICT_FORWARDED, 0, dir, src_id, dst_id, ep_id, match,
-             0);
+        if (LOG_ALLOWED_VERDICTS)
+            emit(&p, skb, MSG_POLICY_VERDICT, VERDICT_FORWARDED, 0, dir, src_id, dst_id, ep_id,
+                 match, 0);
+        else
+            trace_first(&p, skb, dir, src_id, dst_id, ep_id);
         return TC_ACT_OK;
     }
     if (ep_flags & EP_AUDIT) {
         ct_create(&k, &nv);
         count(0, dir, skb->len);
-        emit(&p, skb, MSG_POLICY_VERDICT, VERDICT_AUDIT, reason, dir, src_id, dst_id, ep_id,
-             match, 0);
+        if (POLICY_VERDICT_LOG != PV_LOG_NONE)
+            emit(&p, skb, MSG_POLICY_VERDICT, VERDICT_AUDIT, reason, dir, src_id, dst_id, ep_id,
+                 match, 0);
+        else
+            trace_first(&p, skb, dir, src_id, dst_id, ep_id);
         return TC_ACT_OK;
     }
     count(reason, dir, skb->len);

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services.datapath.core.plan import desired_state
-from services.datapath.loader import Datapath, MapSizes
+from services.datapath.loader import Datapath, MapSizes, MonitorConfig, PolicyVerdictLog
 from services.datapath.probe import Probe, in_netns, run_probes
 from services.datapath.sandbox import DevCluster
 
@@ -90,9 +90,12 @@ def test_denied_connections_emit_drop_events_with_reason_and_identities(
     assert default_deny["traffic_direction"] == "INGRESS"
     assert "SYN" in default_deny["tcp_flags"]
     assert dropped(flows, "POLICY_DENY", OTHER)[0]["drop_reason"] == 181
-    allowed = [f for f in flows if f["verdict"] == "FORWARDED" and f["dst_port"] == 80
-               and f["src_identity"] == CLIENT and f["type"] == "POLICY_VERDICT"]
-    assert allowed and allowed[0]["policy_match_type"] == "L3_L4"
+    # Default policy-verdict log (denied): the allowed connection is not a verdict event; its
+    # first packet is traced where it enters the server pod instead.
+    assert not [f for f in flows if f["type"] == "POLICY_VERDICT" and f["verdict"] == "FORWARDED"]
+    first = [f for f in flows if f["type"] == "TRACE" and f["dst_port"] == 80
+             and f["src_identity"] == CLIENT and f["tcp_flags"] == ["SYN"]]
+    assert first and first[0]["traffic_direction"] == "INGRESS"
     # Per-entry counters count what matched.
     counters = {(k.peer, v.deny): packets for k, v, packets, _ in dp.maps.policy_entries()}
     assert counters[(OTHER, True)] >= 1 and counters[(CLIENT, False)] >= 1
@@ -126,3 +129,50 @@ def test_restart_keeps_maps_and_established_connection(
         assert _probe(one_node, "c", "s", 80)
     finally:
         conn.close()
+
+
+def test_policy_verdict_log_all_reports_allowed_connections(
+    one_node: DevCluster, datapaths: dict[str, Datapath], map_sizes: MapSizes, pin_root: Path
+) -> None:
+    """CILIATE_POLICY_VERDICT_LOG=all: a verdict event (with its match type) per allowed
+    connection, as before the filter."""
+    dp = Datapath("n1", sizes=map_sizes, pin_root=pin_root,
+                  monitor=MonitorConfig(policy_verdicts=PolicyVerdictLog.ALL))
+    try:
+        for name in PODS:
+            dp.attach(one_node.pods()[f"t/{name}"].ifname, one_node.nodes["n1"].netns)
+        dp.poll_events(0)
+        assert _probe(one_node, "c", "s", 80)
+        flows = _wait_flows(dp, lambda fl: [f for f in fl if f["type"] == "POLICY_VERDICT"])
+        allowed = [f for f in flows if f["verdict"] == "FORWARDED" and f["dst_port"] == 80
+                   and f["src_identity"] == CLIENT and f["type"] == "POLICY_VERDICT"]
+        assert allowed and allowed[0]["policy_match_type"] == "L3_L4"
+    finally:
+        dp.close()
+
+
+def test_default_aggregation_makes_no_per_packet_traces(
+    one_node: DevCluster, datapaths: dict[str, Datapath]
+) -> None:
+    """Medium aggregation: an established connection's data packets add no trace events (only
+    new TCP flags do), and nothing is traced on the pods' egress side (FROM_LXC)."""
+    dp = datapaths["n1"]
+    with in_netns(one_node.pods()["t/c"].netns):
+        conn = socket.create_connection((PODS["s"][0], 80), timeout=3)
+    try:
+        assert conn.recv(64)
+        sport = conn.getsockname()[1]
+        for i in range(50):
+            conn.sendall(f"m{i:03d}".encode())
+            assert conn.recv(64) == f"m{i:03d}".encode()
+    finally:
+        conn.close()
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:  # collect what the connection produced
+        seen += dp.poll_events(100)
+    mine = [f for f in seen if sport in (f["src_port"], f["dst_port"])]
+    traces = [f for f in mine if f["type"] == "TRACE"]
+    assert traces, mine  # the SYN, the SYN-ACK, ...
+    assert len(traces) <= 8, [(f["traffic_direction"], f["tcp_flags"]) for f in traces]
+    assert all(f["traffic_direction"] == "INGRESS" for f in traces)
