@@ -281,9 +281,11 @@ async def nats_bench(args: argparse.Namespace) -> None:
             def decode_only(data: bytes) -> int:
                 return len(msgpack.unpackb(data, use_list=False)["items"])
 
-            await _ingest_run(bus, server.url, "msgpack decode alone (baseline)", args,
-                              decode_only)
-            for name, metrics, followers in (CONFIGS[3], CONFIGS[4]):
+            if not args.latency_only:
+                await _ingest_run(bus, server.url, "msgpack decode alone (baseline)", args,
+                                  decode_only)
+            for name, metrics, followers in () if args.latency_only else (CONFIGS[3],
+                                                                          CONFIGS[4]):
                 stream, subs = stream_with(metrics, followers)
 
                 def ingest(data: bytes, stream: Stream = stream, subs: list[Any] = subs) -> int:
@@ -348,6 +350,7 @@ def main() -> None:
     ap.add_argument("--latency-batch", type=int, default=100,
                     help="flows per message in the latency run (20 ms of BatchPublisher "
                          "max_delay at 5,000 flows/s per node)")
+    ap.add_argument("--latency-only", action="store_true", help="with --nats: skip ingest runs")
     ap.add_argument("--publish", metavar="URL", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.publish:
