@@ -301,9 +301,9 @@ class _HookCompiler:
             "    int pi_read = 0;",
             "    #define proc() ({ if (!pi_read) { pi = lookup_proc(tgid); "
             "pi_read = 1; } pi; })",
-            "    void *task = (void *)bpf_get_current_task();",
-            "    (void)task;",
         ]
+        if any(s.match_namespaces for s in hook.selectors):  # only namespaces read the task
+            body.append("    void *task = (void *)bpf_get_current_task();")
         for slot in range(TP_MAX_ARGS):
             body.append(f"    int slen{slot} = 0; (void)slen{slot};")
         body.append("    int strs_read = 0;")
