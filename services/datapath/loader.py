@@ -154,8 +154,9 @@ class Datapath:
 
     # --- attach ----------------------------------------------------------------------------
 
-    def attach(self, ifname: str, netns: str | None = None) -> None:
-        """clsact on ``ifname`` with both programs (replacing any older filters of ours)."""
+    def attach(self, ifname: str, netns: str | None = None) -> int:
+        """clsact on ``ifname`` with both programs (replacing any older filters of ours);
+        returns the interface's index (what the programs' events carry)."""
         with _ipr(netns) as ipr:
             idx = _ifindex(ipr, ifname)
             try:
@@ -173,6 +174,7 @@ class Datapath:
                 except NetlinkError as e:
                     if e.code not in (2, 22):  # ENOENT / EINVAL: nothing there
                         raise
+        return idx
 
     def detach(self, ifname: str, netns: str | None = None) -> None:
         with _ipr(netns) as ipr:

@@ -256,7 +256,9 @@ class DatapathAgent:
         self.routes: dict[str, str] = {}
         self.applied = DesiredState()
         self.snapshot = Snapshot()
-        self.flow_ctx = FlowContext(cfg.node)
+        self.ifnames: dict[int, str] = {}
+        """Host veth names by ifindex, for the flows' ``interface``."""
+        self.flow_ctx = FlowContext(cfg.node, ifnames=self.ifnames)
         self.dirty = asyncio.Event()
         self.mirrors: dict[Bucket, KVMirror] = {}
         self.publisher: BatchPublisher | None = None
@@ -339,7 +341,7 @@ class DatapathAgent:
     def _attach(self, ifname: str, netns: str | None) -> None:
         """Datapath filters first, then the redirect (which must run before them)."""
         assert self.dp is not None
-        self.dp.attach(ifname, netns)
+        self.ifnames[self.dp.attach(ifname, netns)] = ifname
         if self.pdp is not None:
             self.pdp.attach(ifname, netns)
 
@@ -401,7 +403,7 @@ class DatapathAgent:
                                 mode=self.cfg.enforcement, audit=self.cfg.audit)
         self.flow_ctx = FlowContext.build(self.cfg.node, endpoints.values(),
                                           self._values(Bucket.IDENTITIES).values(),
-                                          time.time_ns() - time.monotonic_ns())
+                                          time.time_ns() - time.monotonic_ns(), self.ifnames)
         want = local_pods(self.cfg.node, endpoints)
         # Sandboxes whose endpoint went (or changed address) go first, then the maps are
         # synced in planned order, then new sandboxes attach to already-written maps.
@@ -444,6 +446,8 @@ class DatapathAgent:
 
     def _remove_pod(self, key: str) -> None:
         pod = self.pods.pop(key)
+        for idx in [i for i, name in self.ifnames.items() if name == pod.ifname]:
+            del self.ifnames[idx]
         if self.cfg.dev_mode:
             delete_pod(pod, state_dir=self.cfg.state_dir)
 

@@ -53,10 +53,13 @@ class FlowContext:
     identity_labels: dict[int, tuple[str, ...]] = field(default_factory=dict)
     clock_offset_ns: int = 0
     """Wall clock minus CLOCK_MONOTONIC (what bpf_ktime_get_ns counts)."""
+    ifnames: Mapping[int, str] = field(default_factory=dict)
+    """Host-side interface names by index (the agent records them as it attaches)."""
 
     @classmethod
     def build(cls, node: str, endpoints: Iterable[Mapping[str, Any]],
-              identities: Iterable[Mapping[str, Any]], clock_offset_ns: int = 0) -> FlowContext:
+              identities: Iterable[Mapping[str, Any]], clock_offset_ns: int = 0,
+              ifnames: Mapping[int, str] | None = None) -> FlowContext:
         labels = {int(i["id"]): tuple(i.get("labels", ())) for i in identities if "id" in i}
         by_ip: dict[str, EndpointInfo] = {}
         for ep in endpoints:
@@ -66,7 +69,7 @@ class FlowContext:
                                 tuple(ep.get("labels") or labels.get(ident, ())))
             for ip in ep.get("ips", ()):
                 by_ip[str(ip)] = info
-        return cls(node, by_ip, labels, clock_offset_ns)
+        return cls(node, by_ip, labels, clock_offset_ns, ifnames if ifnames is not None else {})
 
     def endpoint(self, ip: str, identity: int) -> Endpoint:
         info = self.by_ip.get(ip)
@@ -112,6 +115,9 @@ def event_to_flow(ev: Mapping[str, Any], ctx: FlowContext) -> Flow:
     )
     if proto == 1:  # ICMP has no ports; the fields hold type/code when the C fills them
         f.source_port = f.destination_port = 0
+    ifindex = int(ev.get("ifindex", 0))
+    if ifindex:  # ``ciliate monitor`` prints "ifindex lxc..."
+        f.interface = (ifindex, ctx.ifnames.get(ifindex, ""))
     f.source = ctx.endpoint(f.source_ip, int(ev.get("src_identity", 0)))
     f.destination = ctx.endpoint(f.destination_ip, int(ev.get("dst_identity", 0)))
     if etype == MessageType.DROP:

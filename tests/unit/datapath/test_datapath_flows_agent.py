@@ -63,3 +63,19 @@ def test_enforcement_counts_per_endpoint() -> None:
     state = desired_state(node="node-1", endpoints=ENDPOINTS.values(), ipcache=[],
                           policies={300: policy})
     assert enforcement_counts(state) == {"ingress": 1, "egress": 0, "both": 0, "none": 0}
+
+
+def test_events_carry_the_host_interface_monitor_prints() -> None:
+    from services.datapath.monitor import format_line
+
+    raw = encode_event(ts_ns=5, src_identity=301, dst_identity=300, src_ip="10.0.0.2",
+                       dst_ip="10.0.0.1", src_port=40000, dst_port=80, ifindex=42,
+                       type=MessageType.TRACE, verdict=Verdict.FORWARDED, drop_reason=0,
+                       tcp_flags=0x02, direction=TrafficDirection.INGRESS)
+    ctx = FlowContext.build("node-1", ENDPOINTS.values(), IDENTITIES,
+                            ifnames={42: "lxc1a2b3c"})
+    flow = event_to_flow(decode_event(raw), ctx)
+    assert flow.interface == (42, "lxc1a2b3c")
+    assert " ifindex lxc1a2b3c " in format_line(flow.to_wire())
+    unknown = event_to_flow(decode_event(raw), _ctx())
+    assert unknown.interface == (42, "")
