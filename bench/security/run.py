@@ -129,6 +129,25 @@ int main(int argc, char **argv) {
 
 EMPTY_PROGRAM = b"TRACEPOINT_PROBE(syscalls, sys_enter_openat) { return 0; }"
 EMPTY_FUNCTION = "tracepoint__syscalls__sys_enter_openat"
+SCOPE_ONLY_PROGRAM = b"""
+BPF_CGROUP_ARRAY(node_cgroup, 1);
+TRACEPOINT_PROBE(syscalls, sys_enter_openat) {
+    if (node_cgroup.check_current_task(0) != 1)
+        return 0;
+    return 0;
+}"""
+"""The filter's first step alone: is the task in the node's cgroup subtree."""
+STRING_READ_PROGRAM = b"""
+struct path_buf { char s[256]; };
+BPF_PERCPU_ARRAY(scratch, struct path_buf, 1);
+TRACEPOINT_PROBE(syscalls, sys_enter_openat) {
+    u32 zero = 0;
+    struct path_buf *b = scratch.lookup(&zero);
+    if (b)
+        bpf_probe_read_user_str(b->s, sizeof(b->s), args->filename);
+    return 0;
+}"""
+"""The filter's argument step alone: copy the path string from user memory."""
 
 NON_MATCHING_OPENAT = {
     "apiVersion": "cilium.io/v1alpha1",
@@ -314,23 +333,35 @@ def openat_table(driver: Path, cg: Path, opens: int, rounds: int) -> tuple[str, 
 
     consumer = Consumer(cg)
     consumer.start()
-    empty = BPF(text=EMPTY_PROGRAM)
+    programs = {name: BPF(text=text) for name, text in (
+        ("empty program", EMPTY_PROGRAM),
+        ("part: node cgroup check only", SCOPE_ONLY_PROGRAM),
+        ("part: path string read only", STRING_READ_PROGRAM))}
+    fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        programs["part: node cgroup check only"][b"node_cgroup"][0] = fd
+    finally:
+        os.close(fd)
     try:
         loaded = consumer.load(NON_MATCHING_OPENAT)
         consumer.lifecycle(False)
 
-        def mode(empty_on: bool, filter_on: bool) -> Callable[[], None]:
+        def mode(program: str | None, filter_on: bool) -> Callable[[], None]:
             def enter() -> None:
-                set_attached(empty, "syscalls:sys_enter_openat", EMPTY_FUNCTION, empty_on)
+                for name, bpf in programs.items():
+                    set_attached(bpf, "syscalls:sys_enter_openat", EMPTY_FUNCTION,
+                                 name == program)
                 policy_attached(loaded, filter_on)
             return enter
 
-        modes = {"no program": mode(False, False), "empty program": mode(True, False),
-                 "non-matching Prefix filter (TracingPolicy)": mode(False, True)}
+        modes = {"no program": mode(None, False),
+                 **{name: mode(name, False) for name in programs},
+                 "non-matching Prefix filter (TracingPolicy)": mode(None, True)}
         results = interleaved(rounds, modes,
                               lambda: drive(driver, cg, "open", opens, LOOP_CPU))
     finally:
-        empty.cleanup()
+        for bpf in programs.values():
+            bpf.cleanup()
         consumer.close()
     medians = {name: [r[0] for r in rows] for name, rows in results.items()}
     base = medians["no program"]
