@@ -194,21 +194,12 @@ async def _bpf_policy(target: str) -> tuple[dict[str, Any], dict[int, list[str]]
         await bus.close()
 
 
-@click.group("bpf")
-def bpf() -> None:
-    """Direct access to the (published) BPF maps."""
-
-
-@bpf.group("policy")
-def bpf_policy() -> None:
-    """Policy-map entries per identity."""
-
-
-@bpf_policy.command("get")
+@policy.command("entries")
 @click.argument("target")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
-def bpf_policy_get(target: str, output: str) -> None:
-    """Entries for IDENTITY or NS/POD, as published in KV ``policy``."""
+def policy_entries(target: str, output: str) -> None:
+    """Compiled entries for IDENTITY or NS/POD, as published in KV ``policy``, in
+    `cilium-dbg bpf policy get` columns (`ciliate bpf policy get` shows the maps as loaded)."""
     try:
         value, labels = run(_bpf_policy(target))
     except ContextMissing as exc:

@@ -15,7 +15,7 @@ from policy_harness import SHARED, TOKEN, StackFactory, conformance_world, wait_
 from ciliate.bus import Bucket
 from ciliate.client import ClientContext
 from ciliate.labels import CIDR_IDENTITY_BASE
-from services.policy.cli import bpf, policy
+from services.policy.cli import policy
 from services.policy.core.compile import CompileResult
 from services.policy.core.kv import decode_policy
 from services.policy.core.world import World, matrix
@@ -266,7 +266,7 @@ async def test_overflow_is_refused_loudly_never_truncated(policy_stack: StackFac
 
 
 @needs_shared
-async def test_cli_policy_get_and_bpf_policy_get(
+async def test_cli_policy_get_and_policy_entries(
     policy_stack: StackFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stack = await policy_stack()
@@ -288,11 +288,11 @@ async def test_cli_policy_get_and_bpf_policy_get(
     got = await asyncio.to_thread(runner.invoke, policy, ["get", "-o", "json"])
     assert got.exit_code == 0, got.output
     assert [i["metadata"]["name"] for i in json.loads(got.output)] == [doc["metadata"]["name"]]
-    got = await asyncio.to_thread(runner.invoke, bpf, ["policy", "get", "x/a"])
+    got = await asyncio.to_thread(runner.invoke, policy, ["entries", "x/a"])
     assert got.exit_code == 0, got.output
     lines = got.output.splitlines()
     assert lines[0].split("   ")[0] == "POLICY" and "LABELS (source:key[=value])" in lines[0]
     assert any(line.startswith("Allow") and "Ingress" in line and "reserved:host" in line
                for line in lines), got.output
-    got = await asyncio.to_thread(runner.invoke, bpf, ["policy", "get", str(xa), "-o", "json"])
+    got = await asyncio.to_thread(runner.invoke, policy, ["entries", str(xa), "-o", "json"])
     assert json.loads(got.output) == (await stack.policy_kv())[str(xa)]
