@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -9,6 +10,9 @@ import aiohttp
 
 from ciliate.bus import Bus
 from ciliate.client.context import ClientContext
+
+Query = Mapping[str, str] | Sequence[tuple[str, str]]
+"""Query parameters; a sequence of pairs repeats a parameter (``?pod=a&pod=b``)."""
 
 
 class ApiError(RuntimeError):
@@ -52,7 +56,7 @@ class Client:
         path: str,
         *,
         json: Any = None,
-        params: dict[str, str] | None = None,
+        params: Query | None = None,
     ) -> Any:
         """Send to the first replica of ``service`` that answers; error statuses raise."""
         urls = self.context.urls(service)
@@ -75,11 +79,11 @@ class Client:
                 continue
         raise ApiError(503, {"detail": f"no {service} replica answered: {last}"}, service, path)
 
-    async def get(self, service: str, path: str, params: dict[str, str] | None = None) -> Any:
+    async def get(self, service: str, path: str, params: Query | None = None) -> Any:
         return await self.request("GET", service, path, params=params)
 
     async def post(self, service: str, path: str, body: Any,
-                   params: dict[str, str] | None = None) -> Any:
+                   params: Query | None = None) -> Any:
         return await self.request("POST", service, path, json=body, params=params)
 
     async def delete(self, service: str, path: str) -> Any:

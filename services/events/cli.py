@@ -16,8 +16,10 @@ import click
 
 from ciliate.cli.output import fail, run
 from ciliate.client import ApiError, Client, ClientContext, ContextMissing
+from ciliate.client.rest import Query
 from ciliate.flows import Flow, compact_record, dict_block, get_flows_response, is_lost
 from ciliate.flows.printer import TABLE_HEADER, align, table_row
+from ciliate.process_events import EVENT_KINDS
 from services.events.core import process as proc
 from services.events.core.cliflags import FILTER_FLAGS, VALUELESS_FLAGS, filters_from_flags
 from services.events.core.filters import FilterError
@@ -81,7 +83,7 @@ def _filter_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def _sse_records(context: ClientContext, path: str,
-                       params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+                       params: Query) -> AsyncIterator[dict[str, Any]]:
     """Each ``data:`` line of an SSE stream, decoded, from the first replica that answers."""
     urls = context.urls(SERVICE)
     if not urls:
@@ -212,7 +214,7 @@ def observe(ctx: click.Context, /, since: str | None, until: str | None, last: i
         pass
 
 
-async def _getevents(params: dict[str, str], follow: bool, output: str) -> None:
+async def _getevents(params: Query, follow: bool, output: str) -> None:
     def show(event: dict[str, Any]) -> None:
         if output == "json":
             click.echo(json.dumps(event, separators=(",", ":")))
@@ -242,31 +244,32 @@ def _lost_back(event: dict[str, Any]) -> dict[str, Any]:
 @click.option("--pod", multiple=True, help="pod name or ns/name (repeat to OR)")
 @click.option("--process", multiple=True, help="binary regular expression (repeat to OR)")
 @click.option("--event-types", "event_types", multiple=True,
-              type=click.Choice(proc.EVENT_KINDS), help="event kinds (repeat to OR)")
+              type=click.Choice(EVENT_KINDS), help="event kinds (repeat to OR)")
+@click.option("--policy-names", "policy_names", multiple=True,
+              help="only events of this TracingPolicy (repeat to OR)")
 @click.option("--last", type=click.IntRange(min=0), help="print the last N events first")
 @click.option("--since", help="RFC 3339 time or a duration back from now")
 @click.option("--no-follow", is_flag=True, help="print what is held and exit")
 @click.option("-o", "--output", type=click.Choice(["json", "compact"]), default="json",
               show_default=True)
 def getevents(namespace: tuple[str, ...], pod: tuple[str, ...], process: tuple[str, ...],
-              event_types: tuple[str, ...], last: int | None, since: str | None,
-              no_follow: bool, output: str) -> None:
+              event_types: tuple[str, ...], policy_names: tuple[str, ...], last: int | None,
+              since: str | None, no_follow: bool, output: str) -> None:
     """Stream process events as `tetra getevents` does (Tetragon's JSON or compact lines)."""
-    params: dict[str, str] = {}
-    for key, values in (("namespace", namespace), ("pod", pod), ("process", process),
-                        ("event_type", event_types)):
-        if len(values) == 1:
-            params[key] = values[0]
-        elif values:
-            fail(f"--{key.replace('_', '-')} more than once is not supported over REST yet", 2)
+    params: list[tuple[str, str]] = [
+        (key, value)
+        for key, values in (("namespace", namespace), ("pod", pod), ("process", process),
+                            ("event_type", event_types), ("policy_name", policy_names))
+        for value in values
+    ]
     if last is not None:
-        params["last"] = str(last)
+        params.append(("last", str(last)))
     if since:
-        params["since"] = since
+        params.append(("since", since))
     if no_follow and last is None and not since:
-        params["all"] = "true"
+        params.append(("all", "true"))
     if not no_follow:
-        params["follow"] = "true"
+        params.append(("follow", "true"))
     try:
         run(_getevents(params, not no_follow, output))
     except (ContextMissing, ApiError) as exc:

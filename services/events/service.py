@@ -129,7 +129,8 @@ def _process_render(_: str) -> Render:
 
 def _process_request(params: Params, now_ns: int) -> StreamRequest:
     match = proc.make_predicate(params.get("namespace", ()), params.get("pod", ()),
-                                params.get("process", ()), params.get("event_type", ()))
+                                params.get("process", ()), params.get("event_type", ()),
+                                params.get("policy_name", ()))
     return parse_common(params, now_ns, predicate_filters(match))
 
 

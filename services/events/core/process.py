@@ -13,20 +13,15 @@ from typing import Any
 
 from ciliate.flows.jsonpb import parse_rfc3339, rfc3339
 from ciliate.flows.model import LostEvent, Wire, is_lost
+from ciliate.process_events import EVENT_KINDS, event_kind
+from ciliate.process_events import compact as compact_event
 from services.events.core.request import RequestError
 
-EVENT_KINDS = ("process_exec", "process_exit", "process_tracepoint", "process_kprobe")
-SYMBOLS = {"process_exec": "🚀", "process_exit": "💥", "process_tracepoint": "🔌",
-           "process_kprobe": "🔧"}
-EVENT_PARAMS = ("namespace", "pod", "process", "event_type", "node", "since", "until", "first",
-                "last", "all", "follow")
+EVENT_PARAMS = ("namespace", "pod", "process", "event_type", "policy_name", "node", "since",
+                "until", "first", "last", "all", "follow")
 
 
-def kind_of(event: Wire) -> str:
-    for key in event:
-        if key.startswith("process_"):
-            return key
-    return "unknown"
+kind_of = event_kind
 
 
 def stamp(event: Wire, now_ns: int) -> Wire:
@@ -65,8 +60,11 @@ def _process(event: Wire) -> dict[str, Any]:
 
 
 def make_predicate(namespaces: Sequence[str], pods: Sequence[str], processes: Sequence[str],
-                   kinds: Sequence[str]) -> Callable[[Wire], bool]:
-    """tetra getevents filters: each kind of filter ORs its values; kinds AND; loss passes."""
+                   kinds: Sequence[str], policy_names: Sequence[str] = ()
+                   ) -> Callable[[Wire], bool]:
+    """tetra getevents filters: each kind of filter ORs its values; kinds AND; loss passes.
+
+    ``policy_names`` keeps only events a TracingPolicy produced under one of those names."""
     for k in kinds:
         if k not in EVENT_KINDS:
             raise RequestError("event_type", f"unknown event type {k!r}; known: "
@@ -76,11 +74,14 @@ def make_predicate(namespaces: Sequence[str], pods: Sequence[str], processes: Se
     except re.error as exc:
         raise RequestError("process", f"invalid regular expression: {exc}") from None
     ns_set, pod_set, kind_set = set(namespaces), set(pods), set(kinds)
+    policy_set = set(policy_names)
 
     def match(event: Wire) -> bool:
         if is_lost(event):
             return True
         if kind_set and kind_of(event) not in kind_set:
+            return False
+        if policy_set and (event.get(kind_of(event)) or {}).get("policy_name") not in policy_set:
             return False
         proc = _process(event)
         pod = proc.get("pod") or {}
@@ -100,22 +101,7 @@ def make_predicate(namespaces: Sequence[str], pods: Sequence[str], processes: Se
 
 
 def compact(event: Wire) -> str:
-    """Tetragon's compact line: symbol, kind, where (ns/pod or node), binary, details."""
+    """Tetragon's compact line; a lost-events record says how many were lost."""
     if is_lost(event):
         return f"EVENTS LOST: {LostEvent.from_wire(event).num_events_lost}"
-    kind = kind_of(event)
-    body = event.get(kind) or {}
-    proc = _process(event)
-    pod = proc.get("pod")
-    where = (f"{pod.get('namespace', '')}/{pod.get('name', '')}" if pod
-             else str(event.get("node_name", "")))
-    info = f"{where} {proc.get('binary', '')}"
-    symbol = SYMBOLS.get(kind, "❓")
-    if kind == "process_exec":
-        return f"{symbol} {'process':<7} {info} {proc.get('arguments', '')}".rstrip()
-    if kind == "process_exit":
-        status = body.get("signal") or str(body.get("status", 0))
-        return f"{symbol} {'exit':<7} {info} {proc.get('arguments', '')} {status}"
-    if kind in ("process_tracepoint", "process_kprobe"):
-        return f"{symbol} {'syscall':<7} {info} {body.get('subsys', '')} {body.get('event', '')}"
-    return f"{symbol} {kind} {info}"
+    return compact_event(event)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ciliate.process_events import compact, event_kind
 from services.security.core.process_cache import (
     Process,
     ProcessCache,
@@ -26,17 +27,9 @@ from services.security.core.wire import (
     TracepointRecord,
 )
 
+__all__ = ["compact", "event_kind"]
+
 ACTION_BY_CODE = {code: ACTION_ENUM[kind] for kind, code in ACTION_CODES.items()}
-
-# Tetragon's compact symbols, by event type.
-SYMBOLS = {
-    "process_exec": "🚀",
-    "process_exit": "💥",
-    "process_tracepoint": "⁉️",
-    "process_kprobe": "❓",
-    "process_lsm": "🔒",
-}
-
 
 def signal_name(number: int) -> str:
     try:
@@ -219,30 +212,3 @@ class EventBuilder:
         """``ingest`` with the event's JSON built at once (tests and one-off tools)."""
         event = self.ingest(record)
         return [] if event is None else [event.to_json()]
-
-
-def event_type(event: dict[str, Any]) -> str:
-    for key in event:
-        if key.startswith("process_"):
-            return key
-    return "unknown"
-
-
-def compact(event: dict[str, Any]) -> str:
-    """Tetragon's compact line: symbol, kind, where (ns/pod or node), binary, details."""
-    kind = event_type(event)
-    body = event.get(kind, {})
-    proc = body.get("process", {})
-    pod = proc.get("pod")
-    where = f"{pod.get('namespace', '')}/{pod.get('name', '')}" if pod else event.get(
-        "node_name", "")
-    info = f"{where} {proc.get('binary', '')}"
-    symbol = SYMBOLS.get(kind, "❓")
-    if kind == "process_exec":
-        return f"{symbol} {'process':<7} {info} {proc.get('arguments', '')}".rstrip()
-    if kind == "process_exit":
-        status = body.get("signal") or str(body.get("status", 0))
-        return f"{symbol} {'exit':<7} {info} {proc.get('arguments', '')} {status}"
-    if kind == "process_tracepoint":
-        return f"{symbol} {'tracepoint':<7} {info} {body.get('subsys')} {body.get('event')}"
-    return f"{symbol} {kind} {info}"

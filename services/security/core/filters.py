@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.security.core.events import event_type
+from ciliate.process_events import event_kind
 
 # Tetragon's EventType enum names, by the JSON key of the event.
 EVENT_SET_NAMES = {
@@ -62,7 +62,7 @@ class EventFilter:
             raise FilterError(f"bad regular expression: {exc}") from None
 
     def matches(self, event: Mapping[str, Any]) -> bool:
-        kind = event_type(dict(event))
+        kind = event_kind(event)
         body = event.get(kind) or {}
         proc = body.get("process") or {}
         pod = proc.get("pod") or {}

@@ -140,3 +140,25 @@ async def test_getevents_prints_tetragon_json(events: EventsService,
     assert [json.loads(line) for line in result.output.splitlines()] == [event]
     result = await _invoke(events, monkeypatch, getevents, ["--no-follow", "-o", "compact"])
     assert result.output.strip() == "🚀 process x/a /usr/bin/curl -s x"
+
+
+async def test_getevents_filters_by_policy_and_repeated_pods(
+        events: EventsService, monkeypatch: pytest.MonkeyPatch) -> None:
+    def tracepoint(pod: str, policy: str) -> dict[str, Any]:
+        return {"process_tracepoint": {
+            "process": {"binary": "/bin/cat", "pod": {"namespace": "x", "name": pod}},
+            "subsys": "syscalls", "event": "sys_enter_openat", "policy_name": policy,
+            "action": "KPROBE_ACTION_POST"}, "node_name": "n1", "time": "2023-11-14T22:13:20Z"}
+
+    sample = [tracepoint("a", "watch-etc"), tracepoint("b", "other"), tracepoint("c", "watch-etc")]
+    await events.publish_events("n1", sample)
+    await events.wait_seen(3, stream="process")
+    result = await _invoke(events, monkeypatch, getevents,
+                           ["--no-follow", "--policy-names", "watch-etc", "-o", "json"])
+    assert [json.loads(line) for line in result.output.splitlines()] == [sample[0], sample[2]]
+    result = await _invoke(events, monkeypatch, getevents,
+                           ["--no-follow", "--pod", "a", "--pod", "b", "-o", "compact"])
+    assert result.output.splitlines() == [
+        "⁉️ tracepoint x/a /bin/cat syscalls sys_enter_openat",
+        "⁉️ tracepoint x/b /bin/cat syscalls sys_enter_openat",
+    ]
