@@ -21,6 +21,7 @@ from ciliate.flows.tables import (
     L7FlowType,
     LostEventSource,
     TraceObservationPoint,
+    TraceReason,
     TrafficDirection,
     Verdict,
     drop_reason_name,
@@ -195,6 +196,8 @@ def flow_json(f: Flow) -> Json:
     if f.trace_observation_point:
         out["trace_observation_point"] = _enum_name(TraceObservationPoint,
                                                     f.trace_observation_point)
+    if f.trace_reason:
+        out["trace_reason"] = _enum_name(TraceReason, f.trace_reason)
     if f.drop_reason:
         out["drop_reason_desc"] = drop_reason_name(f.drop_reason)
     if f.is_reply is not None:

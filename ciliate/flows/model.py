@@ -36,6 +36,7 @@ WIRE_DOC: dict[str, str] = {
     "td": "int: TrafficDirection",
     "rp": "bool: is_reply; absent when unknown",
     "op": "int: TraceObservationPoint (proto numbering)",
+    "tr": "int: TraceReason (new, established, reply...); 0/absent when unknown",
     "pm": "int: policy_match_type",
     "ipv": "int: IPVersion; 0/absent when the flow has no IP layer",
     "sip": "str: source IP", "dip": "str: destination IP",
@@ -127,6 +128,7 @@ class Flow:
     traffic_direction: int = TrafficDirection.TRAFFIC_DIRECTION_UNKNOWN
     is_reply: bool | None = None
     trace_observation_point: int = TraceObservationPoint.UNKNOWN_POINT
+    trace_reason: int = 0
     policy_match_type: int = 0
     ip_version: int = 0
     source_ip: str = ""
@@ -214,7 +216,7 @@ def _get_endpoint(w: Wire, prefix: str) -> Endpoint:
 _SCALARS: tuple[tuple[str, str], ...] = (
     ("u", "uuid"), ("n", "node_name"), ("v", "verdict"),
     ("dr", "drop_reason"), ("et", "event_type"), ("es", "event_sub_type"), ("ty", "type"),
-    ("td", "traffic_direction"), ("op", "trace_observation_point"),
+    ("td", "traffic_direction"), ("op", "trace_observation_point"), ("tr", "trace_reason"),
     ("pm", "policy_match_type"), ("ipv", "ip_version"), ("sip", "source_ip"),
     ("dip", "destination_ip"), ("sm", "source_mac"), ("dm", "destination_mac"),
     ("p", "protocol"), ("sp", "source_port"), ("dp", "destination_port"),

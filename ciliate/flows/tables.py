@@ -210,6 +210,20 @@ class L7FlowType(IntEnum):
     SAMPLE = 3
 
 
+class TraceReason(IntEnum):
+    """Why a trace event was emitted: the connection's state as conntrack saw it (flow.proto)."""
+
+    TRACE_REASON_UNKNOWN = 0
+    NEW = 1
+    ESTABLISHED = 2
+    REPLY = 3
+    RELATED = 4
+    REOPENED = 5
+    SRV6_ENCAP = 6
+    SRV6_DECAP = 7
+    ENCRYPT_OVERLAY = 8
+
+
 class TraceObservationPoint(IntEnum):
     """flow.TraceObservationPoint (the proto numbering, which differs from the monitor's)."""
 

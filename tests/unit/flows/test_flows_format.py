@@ -181,3 +181,16 @@ def test_wire_batch_round_trip_is_lossless(batch: list[Flow]) -> None:
     assert [Flow.from_wire(w) for w in decoded] == batch
     for w in decoded:
         json.loads(json.dumps(get_flows_response(w)))
+
+
+def test_trace_reason_travels_and_prints_by_name() -> None:
+    from ciliate.flows import TraceReason
+    from ciliate.flows.jsonpb import get_flows_response
+    from ciliate.flows.model import Flow, decode_flow, encode_flow
+
+    flow = Flow(time_ns=1, trace_reason=TraceReason.ESTABLISHED)
+    wire = encode_flow(flow)
+    assert wire["tr"] == 2
+    assert decode_flow(wire).trace_reason == TraceReason.ESTABLISHED
+    assert get_flows_response(wire)["flow"]["trace_reason"] == "ESTABLISHED"
+    assert "tr" not in encode_flow(Flow(time_ns=1))
