@@ -370,7 +370,7 @@ class Bench:
                          "full_restore_s": load, "change_ms": lat, "kernel_mem_kb": mem}
             self.flush_rules()
         m0 = kernel_mem_kb()
-        load = self.ns_run("nft", "-f", "-", stdin=nft_rules(n))
+        load = self.ns_run("nft", "-f", "-", stdin=nft_rules(n), timeout=1200)
         mem = kernel_mem_kb() - m0
         rates = {pos: self.rate(vip(i), 80) for pos, i in positions.items()}
         lat = [self.reach_ms(vip(n + r), 80, functools.partial(
@@ -431,7 +431,11 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         direct = r["direct"]["conn_per_s"]
         for key, label in MODES:
-            m = r[key]
+            m = r.get(key)
+            if m is None or "conn_per_s" not in m:
+                lines.append(f"| {r['services']:,} | {label} | failed: "
+                             f"{(m or {}).get('error', 'not run')} | | | | |")
+                continue
             ch = (f"{statistics.median(m['change_ms']):.1f} / {p(m['change_ms'], .99):.1f}"
                   if "change_ms" in m else "").replace("inf", f">{RULE_TIMEOUT_S * 1000:.0f}")
             load = m.get("full_sync_s", m.get("full_restore_s", m.get("full_load_s")))
@@ -457,7 +461,8 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in MODES:
-        ax.plot(xs, [r[key]["conn_per_s"] for r in results], marker="o", label=label)
+        ax.plot(xs, [r.get(key, {}).get("conn_per_s", float("nan")) for r in results],
+                marker="o", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("services")
     ax.set_ylabel("new TCP connections/s")
@@ -467,7 +472,8 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in MODES[1:]:
-        ax.plot(xs, [p(r[key]["change_ms"], .99) for r in results], marker="o", label=label)
+        ax.plot(xs, [p(r[key]["change_ms"], .99) if "change_ms" in r.get(key, {})
+                     else float("nan") for r in results], marker="o", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("services")
@@ -497,9 +503,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10, help="changes timed per mode and size")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plots", type=Path, default=REPO / "docs" / "img")
+    ap.add_argument("--merge", type=Path, default=None,
+                    help="JSON lines of earlier sizes' results to include in the table")
     args = ap.parse_args()
     # (no SIGTERM handler: pyroute2 namespace workers inherit it and node set-up fails)
-    results = []
+    results = ([json.loads(line) for line in args.merge.read_text().splitlines()
+                if line.startswith("{")] if args.merge else [])
     with compiled_tools() as tools:
         bench = Bench(args.seconds, args.reps, tools)
         try:
