@@ -119,7 +119,7 @@ def create_pod(
     pod_ns = f"cil-{h}"
     host_if = lxc_name(salt, node, namespace, name)
     tmp_if = "tmp" + h
-    cgroup = CGROUP_ROOT / (salt + node if salt else node) / f"{namespace}.{name}"
+    cgroup = node_cgroup(salt, node) / f"{namespace}.{name}"
     rec = PodRecord(namespace, name, node, pod_ns, host_if, ip, str(cgroup), node_netns)
     pod = PodSandbox(rec)
     try:
@@ -278,6 +278,12 @@ def bridge_netns_name(salt: str) -> str:
     return f"cil-{short_hash(salt, 'bridge')}"
 
 
+def node_cgroup(salt: str, name: str) -> Path:
+    """Node ``name``'s cgroup v2 subtree: every pod's cgroup lives below it, so programs
+    attached here (the socket LB) see all of the node's pods."""
+    return CGROUP_ROOT / (salt + name)
+
+
 def node_netns_name(salt: str, name: str) -> str:
     return f"cil-{short_hash(salt, 'node', name)}"
 
@@ -343,7 +349,7 @@ def remove_node(salt: str, name: str) -> None:
     node_ns = node_netns_name(salt, name)
     if node_ns in netns.listnetns():
         netns.remove(node_ns)
-    cg = CGROUP_ROOT / (salt + name)
+    cg = node_cgroup(salt, name)
     if cg.exists():
         _rmdir_ok(cg)
     bridge = bridge_netns_name(salt)

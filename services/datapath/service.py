@@ -1,5 +1,6 @@
 """Wires the datapath agent (one per node): KV `endpoints`/`ipcache`/`policy`/`identities`/`nodes`
-in, pod sandboxes (dev mode), BPF maps and tc programs, flow events out on ``flows.<node>``.
+/`lb` in, pod sandboxes (dev mode), BPF maps and tc/cgroup programs (policy, L7 redirect,
+service LB), flow events out on ``flows.<node>``.
 
 Every blocking kernel operation (bcc compile, netlink, map writes, ring-buffer polls) runs on a
 worker thread, so the asyncio loop keeps serving NATS, heartbeats and /metrics.
@@ -32,6 +33,7 @@ from .cni.agent import CniAgent
 from .core.flows import FlowContext, event_to_flow
 from .core.model import EndpointFlag, EnforcementMode
 from .core.plan import DesiredState, desired_state
+from .lb.loader import LbDatapath, LbSizes
 from .loader import (
     Datapath,
     MapSizes,
@@ -52,6 +54,7 @@ from .sandbox import (
     create_pod,
     delete_pod,
     ensure_node,
+    node_cgroup,
     node_ip_for,
     release_pod,
     remove_node,
@@ -65,6 +68,8 @@ DEBOUNCE_S = 0.05
 MAX_ERRORS = 20
 SMALL_MAPS = MapSizes(ct_tcp=8192, ct_any=8192, ipcache=4096, endpoints=1024, policy=16384,
                       events_pages=64)
+SMALL_LB_MAPS = LbSizes(services=4096, backends=4096, revnat=4096, sk_revnat=8192,
+                        affinity=4096, ct=8192, maglev_tables=256, events_pages=16)
 
 
 def _flag(value: str | None, default: bool) -> bool:
@@ -97,6 +102,15 @@ class AgentConfig:
     cni: bool = False
     """Serve ciliate-cni's REST (docs/k8s.md): on by default outside dev mode."""
     pod_cidr: str = ""
+    lb: bool = True
+    """Cilium's ``kube-proxy-replacement``: service LB programs fed by KV `lb`."""
+    lb_sizes: LbSizes = field(default_factory=LbSizes)
+    maglev_m: int = 16381
+    """``bpf-lb-maglev-table-size``: must equal the lb service's M (other tables fall back)."""
+    lb_cgroup: str = ""
+    """Where the socket LB attaches: the node's cgroup subtree in dev mode; outside it only
+    when ``CILIATE_LB_CGROUP_ROOT`` names one (the host's cgroup root would translate every
+    process on the machine, which an agent must not assume it may do)."""
 
     @classmethod
     def from_context(cls, ctx: ServiceContext) -> AgentConfig:
@@ -105,12 +119,13 @@ class AgentConfig:
         def opt(key: str) -> str | None:
             return s.extra.get(key.lower()) or os.environ.get(f"CILIATE_{key}")
 
+        cluster = opt("DEV_CLUSTER") or short_hash(str(s.state_dir.resolve()), length=6)
         return cls(
             node=s.node,
             state_dir=s.state_dir,
             dev_mode=s.dev_mode,
             teardown=_flag(opt("DEV_TEARDOWN"), s.dev_mode),
-            cluster=opt("DEV_CLUSTER") or short_hash(str(s.state_dir.resolve()), length=6),
+            cluster=cluster,
             pin_root=Path(opt("BPF_PIN_ROOT") or PIN_ROOT),
             sizes=SMALL_MAPS if opt("BPF_MAP_SIZES") == "small" else MapSizes(),
             enforcement=EnforcementMode(opt("POLICY_ENFORCEMENT") or "default"),
@@ -125,6 +140,11 @@ class AgentConfig:
             l7_proxy=_flag(opt("L7_PROXY"), True),
             cni=_flag(opt("CNI"), not s.dev_mode),
             pod_cidr=opt("POD_CIDR") or default_pod_cidr(s.node),
+            lb=_flag(opt("KUBE_PROXY_REPLACEMENT"), True),
+            lb_sizes=SMALL_LB_MAPS if opt("BPF_MAP_SIZES") == "small" else LbSizes(),
+            maglev_m=int(opt("BPF_LB_MAGLEV_TABLE_SIZE") or 16381),
+            lb_cgroup=opt("LB_CGROUP_ROOT") or (
+                str(node_cgroup(cluster, s.node)) if s.dev_mode else ""),
         )
 
 
@@ -227,6 +247,18 @@ def local_pods(node: str, endpoints: Mapping[str, Mapping[str, Any]]
             if ep.get("node") == node and any(":" not in str(ip) for ip in ep.get("ips", ()))}
 
 
+def node_addresses(node: str, nodes: Mapping[str, Mapping[str, Any]]
+                   ) -> tuple[list[str], list[str]]:
+    """(this node's, other nodes') IPv4 addresses from KV `nodes`: where NodePorts answer."""
+    local: list[str] = []
+    remote: list[str] = []
+    for name, value in sorted(nodes.items()):
+        for addr in value.get("addresses") or ():
+            if ":" not in str(addr):
+                (local if name == node else remote).append(str(addr))
+    return local, remote
+
+
 def _pod_ip(ep: Mapping[str, Any]) -> str:
     return next(str(ip) for ip in ep.get("ips", ()) if ":" not in str(ip))
 
@@ -243,6 +275,11 @@ class DatapathAgent:
         self.poller = ThreadPoolExecutor(1, thread_name_prefix="datapath-events")
         self.dp: Datapath | None = None
         self.pdp: ProxyDatapath | None = None
+        self.lb: LbDatapath | None = None
+        self.lb_pending: dict[str, None] = {}
+        """KV `lb` keys changed since the last write (ordered; values read from the mirror)."""
+        self.lb_dirty = asyncio.Event()
+        self.lb_nodes: tuple[list[str], list[str]] | None = None
         self.cni: CniAgent | None = None
         self.view = PolicyView(node=cfg.node)
         """The L7 proxies' view of the KV buckets, fed by the same mirrors as the maps."""
@@ -291,6 +328,11 @@ class DatapathAgent:
         self.dp = await self._run(lambda: Datapath(cfg.node, sizes=cfg.sizes,
                                                    pin_root=cfg.pin_root, monitor=cfg.monitor))
         self.applied = await self._run(self.dp.read_state)
+        if cfg.lb:
+            try:
+                self.lb = await self._run(self._make_lb)
+            except Exception as exc:  # policy enforcement goes on without service LB
+                self.error(f"service LB unavailable: {exc!r}")
         self.publisher = BatchPublisher(self.ctx.bus, flows_subject(cfg.node), source=cfg.node)
         self.publisher.start()
         if cfg.l7_proxy:
@@ -301,6 +343,10 @@ class DatapathAgent:
             mirror = KVMirror(await self.ctx.bus.kv(bucket), self._on_change(bucket))
             self.mirrors[bucket] = mirror
             self.tasks.append(self.ctx.spawn(mirror.run(), name=f"mirror-{bucket.value}"))
+        if self.lb is not None:
+            self.lb_mirror = KVMirror(await self.ctx.bus.kv(Bucket.LB), self._on_lb_change)
+            self.tasks += [self.ctx.spawn(self.lb_mirror.run(), name="mirror-lb"),
+                           self.ctx.spawn(self.lb_loop(), name="lb")]
         self.tasks += [
             self.ctx.spawn(self.reconcile_loop(), name="reconcile"),
             self.ctx.spawn(self.events_loop(), name="events"),
@@ -313,7 +359,7 @@ class DatapathAgent:
             "audit": cfg.audit, "monitor_aggregation": cfg.monitor.aggregation.name.lower(),
             "policy_verdict_log": cfg.monitor.policy_verdicts.name.lower(),
             "programs": self.dp.program_info(), "synced": False, "cni": self.cni is not None,
-            "l7_proxy": self.pdp is not None,
+            "l7_proxy": self.pdp is not None, "lb": self.lb is not None,
         })
         self.ctx.on_shutdown(self.stop)
 
@@ -334,6 +380,23 @@ class DatapathAgent:
         await self.dns_proxy.start()
         self.tasks.append(self.ctx.spawn(self.learner.run_expiry(self.proxy_stop),
                                          name="fqdn-expiry"))
+
+    def _make_lb(self) -> LbDatapath:
+        """LB programs and maps (compiled under the process-wide compile lock), the socket LB
+        on the node's cgroup subtree and, in dev mode, the NodePort tc LB on the node's eth0."""
+        cfg = self.cfg
+        lb = LbDatapath(cfg.node, cfg.pin_root, node_ip=self.node_ip or "0.0.0.0",
+                        maglev_m=cfg.maglev_m, sizes=cfg.lb_sizes)
+        try:
+            if cfg.lb_cgroup:
+                Path(cfg.lb_cgroup).mkdir(parents=True, exist_ok=True)
+                lb.attach_socket_lb(cfg.lb_cgroup)
+            if self.node_netns is not None:
+                lb.attach_nodeport("eth0", self.node_netns)
+        except Exception:
+            lb.destroy()
+            raise
+        return lb
 
     async def _request(self, subject: str, payload: dict[str, Any]) -> Any:
         return await self.ctx.bus.request(subject, payload, timeout=5.0)
@@ -358,6 +421,8 @@ class DatapathAgent:
                 Bucket.IDENTITIES: self.view.set_identity}.get(bucket)
 
         async def changed(key: str, old: Any, new: Any) -> None:
+            if bucket is Bucket.NODES:
+                self.lb_dirty.set()
             if feed is not None:
                 try:
                     feed(key, new)
@@ -366,6 +431,53 @@ class DatapathAgent:
             self.dirty.set()
 
         return changed
+
+    async def _on_lb_change(self, key: str, old: Any, new: Any) -> None:
+        self.lb_pending[key] = None
+        self.lb_dirty.set()
+
+    # --- KV `lb` -> LB maps --------------------------------------------------------------------
+
+    async def lb_loop(self) -> None:
+        """The whole bucket once its snapshot is complete (a restarted agent diffs against the
+        pinned maps), then each changed Service or table alone, debounced like reconcile."""
+        assert self.lb is not None
+        await self.lb_mirror.synced.wait()
+        await self.mirrors[Bucket.NODES].synced.wait()
+        synced = False
+        while True:
+            self.lb_dirty.clear()
+            keys, self.lb_pending = list(self.lb_pending), {}
+            try:
+                await self._sync_lb_nodes()
+                if not synced:
+                    written = await self._run(self.lb.sync, dict(self.lb_mirror.values))
+                    synced = True
+                else:
+                    values = self.lb_mirror.values
+                    written = 0
+                    for key in keys:
+                        written += await self._run(self.lb.update, key, values.get(key))
+                self.ctx.status["lb"] = {
+                    "synced": True, "entries": len(self.lb_mirror.values),
+                    "map_writes": self.ctx.status.get("lb", {}).get("map_writes", 0) + written,
+                    "warnings": list(self.lb.warnings)}
+            except Exception as exc:  # retry with a full sync on the next change
+                self.error(f"lb sync failed: {exc!r}")
+                synced = False
+                await asyncio.sleep(1.0)
+                self.lb_dirty.set()
+            await self.lb_dirty.wait()
+            await asyncio.sleep(DEBOUNCE_S)
+
+    async def _sync_lb_nodes(self) -> None:
+        assert self.lb is not None
+        local, remote = node_addresses(self.cfg.node, self._values(Bucket.NODES))
+        if self.node_ip and self.node_ip not in local:
+            local.append(self.node_ip)  # ours before KV `nodes` echoes it back
+        if self.lb_nodes != (local, remote):
+            await self._run(self.lb.set_node_addresses, local, remote)
+            self.lb_nodes = (local, remote)
 
     # --- desired state -> sandboxes, maps, routes ---------------------------------------------
 
@@ -464,8 +576,12 @@ class DatapathAgent:
     # --- events, conntrack GC, metrics -------------------------------------------------------
 
     def _poll(self) -> tuple[list[dict[str, Any]], int]:
+        """Datapath events (waiting up to 100 ms), then whatever the LB ring holds."""
         assert self.dp is not None
-        return self.dp.poll_events(100), self.dp.events_lost()
+        events = self.dp.poll_events(100)
+        if self.lb is not None:
+            events += self.lb.poll_events(0)
+        return events, self.dp.events_lost()
 
     async def events_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -543,6 +659,8 @@ class DatapathAgent:
                 release_pod(pod)
             if self.pdp is not None:
                 await self._run(self.pdp.close)
+            if self.lb is not None:  # programs stay attached: services keep working
+                await self._run(self.lb.close)
             if self.dp is not None:
                 await self._run(self.dp.close)  # filters and pinned maps stay for the next agent
         await asyncio.to_thread(self.worker.shutdown, True)
@@ -555,6 +673,9 @@ class DatapathAgent:
             with contextlib.suppress(Exception):
                 self.pdp.teardown_routing(self.node_netns)
             self.pdp.close()
+        if self.lb is not None:
+            with contextlib.suppress(Exception):
+                self.lb.destroy()
         if self.dp is not None:
             self.dp.destroy()
         if self.cfg.dev_mode:

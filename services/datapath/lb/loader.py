@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import ipaddress
 import os
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..core.events import EVENT_SIZE, EventDecoder
+from ..loader import COMPILE_LOCK
 from ..maps import PIN_ROOT
 from .core.model import LbIndex, LbMap, LbOp, LbState, plan
 from .maps import (
@@ -43,7 +43,6 @@ TC_INGRESS = "ffff:fff2"
 TC_EGRESS = "ffff:fff3"
 FILTER_PRIO = 2  # after the policy datapath's prio 1 filters when both share an interface
 FILTER_HANDLE = 2
-_COMPILE_LOCK = threading.Lock()
 
 SOCK_PROGRAMS = (
     ("sock4_connect", BPFAttachType.CGROUP_INET4_CONNECT),
@@ -110,7 +109,7 @@ class LbDatapath:
         self.pins = lb_pin_dir(node, pin_root)
         self.pins.mkdir(parents=True, exist_ok=True)
         src = render_source(self.pins, self.sizes, maglev_m, node_ip, nodeport_range)
-        with _COMPILE_LOCK:  # clang inside bcc is not thread-safe
+        with COMPILE_LOCK:  # clang inside bcc is not thread-safe (shared with the agent's)
             self.bpf = BPF(text=src.encode())
         self.sock_fns = {name: self.bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR,
                                                   attach_type=at)
@@ -124,6 +123,7 @@ class LbDatapath:
         self.decoder = EventDecoder()
         self._ring_open = False
         self._cgroups: list[str] = []
+        self._nodeports: list[tuple[str, str | None]] = []
         if node_ip != "0.0.0.0":
             self.set_node_addresses([node_ip], [])
 
@@ -164,6 +164,8 @@ class LbDatapath:
                 ipr.tc("replace-filter", "bpf", idx, FILTER_HANDLE, fd=fn.fd, name=fn.name,
                        parent=parent, prio=FILTER_PRIO, protocol=0x0003, classid=1,
                        direct_action=True)
+        if (ifname, netns) not in self._nodeports:
+            self._nodeports.append((ifname, netns))
 
     def detach_nodeport(self, ifname: str, netns: str | None = None) -> None:
         with _ipr(netns) as ipr:
@@ -174,6 +176,8 @@ class LbDatapath:
                            prio=FILTER_PRIO, protocol=0x0003)
             except (NetlinkError, LookupError):
                 pass
+        if (ifname, netns) in self._nodeports:
+            self._nodeports.remove((ifname, netns))
 
     # --- maps ------------------------------------------------------------------------------
 
@@ -273,10 +277,14 @@ class LbDatapath:
         self.bpf.cleanup()
 
     def destroy(self) -> None:
-        """Detach from the cgroups this instance attached, close and unpin every map."""
+        """Detach from the cgroups and interfaces this instance attached, close and unpin
+        every map."""
         for cg in list(self._cgroups):
             with contextlib.suppress(OSError):
                 self.detach_socket_lb(cg)
+        for ifname, netns in list(self._nodeports):
+            with contextlib.suppress(OSError):
+                self.detach_nodeport(ifname, netns)
         self.close()
         unpin(self.pins)
 
