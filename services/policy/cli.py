@@ -12,6 +12,7 @@ import click
 from ciliate.bus import Bucket
 from ciliate.cli.output import echo_json, fail, run, table
 from ciliate.client import ApiError, Client, ContextMissing, connect_bus
+from ciliate.policymap import Entry, iter_entries, readable
 from ciliate.resources.base import Resource, ResourceError
 from ciliate.resources.ciliumpolicy import CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy
 from ciliate.resources.loader import load_resources
@@ -142,13 +143,12 @@ BPF_HEADERS = ["POLICY", "DIRECTION", "LABELS (source:key[=value])", "PORT/PROTO
 PROTO_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items() if v}
 
 
-def port_text(entry: dict[str, Any]) -> str:
+def port_text(entry: Entry) -> str:
     """``ANY``, ``80/TCP``, ``ANY/UDP`` or a range block ``1024-1535/TCP``."""
-    proto = int(entry["proto"])
-    if proto == 0:
+    if entry.proto == 0:
         return "ANY"
-    name = PROTO_NAMES.get(proto, str(proto))
-    plen, port = int(entry["port_prefixlen"]), int(entry["port"])
+    name = PROTO_NAMES.get(entry.proto, str(entry.proto))
+    plen, port = entry.prefixlen, entry.port
     if plen == 0:
         return f"ANY/{name}"
     if plen == 16:
@@ -159,14 +159,12 @@ def port_text(entry: dict[str, Any]) -> str:
 def bpf_rows(value: dict[str, Any], labels: dict[int, list[str]]) -> list[list[str]]:
     """One row per entry (extra label lines below it), as ``cilium-dbg bpf policy get``."""
     rows: list[list[str]] = []
-    for e in value.get("entries", []):
-        peer = int(e["peer"])
-        names = ["ANY"] if peer == 0 else (labels.get(peer) or [f"identity {peer}"])
-        proto = int(e["proto"])
-        prefix = 0 if proto == 0 else 8 + int(e["port_prefixlen"])
-        rows.append(["Deny" if e["deny"] else "Allow", str(e["direction"]).capitalize(),
-                     names[0], port_text(e), str(e["proxy_port"] or "NONE"), "disabled",
-                     str(e.get("bytes", 0)), str(e.get("packets", 0)), str(prefix)])
+    for e in iter_entries(value):
+        names = ["ANY"] if e.peer == 0 else (labels.get(e.peer) or [f"identity {e.peer}"])
+        prefix = 0 if e.proto == 0 else 8 + e.prefixlen
+        rows.append(["Deny" if e.deny else "Allow", e.direction.capitalize(), names[0],
+                     port_text(e), str(e.proxy_port or "NONE"), "disabled", "0", "0",
+                     str(prefix)])
         rows += [["", "", extra, "", "", "", "", "", ""] for extra in names[1:]]
     return rows
 
@@ -206,7 +204,7 @@ def policy_entries(target: str, output: str) -> None:
         fail(str(exc))
         return
     if output == "json":
-        echo_json(value)
+        echo_json(readable(value))  # entries as a list of dicts, not the packed bytes
         return
     if value.get("overflow"):
         click.echo(f"Error: policy refused: {value['overflow']['entries']} entries exceed the "

@@ -13,7 +13,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import nats.errors
@@ -25,6 +25,7 @@ from ciliate.api.resources import ResourceHandlers, owned_kinds
 from ciliate.bus import KV, Bucket, KVMirror, RequestFailed, RevisionConflict, codec
 from ciliate.bus.subjects import IDENTITY_ALLOCATE
 from ciliate.labels import CIDR_IDENTITY_BASE, LabelSet
+from ciliate.policymap import build_value
 from ciliate.resources.base import Resource, ResourceError
 from ciliate.resources.registry import parse_resource
 from ciliate.runner import ServiceContext, ServiceSpec
@@ -39,6 +40,7 @@ from ciliate.store.database import UnitOfWork
 from services.policy.core.compile import (
     DEFAULT_MAP_CAPACITY,
     IdentityWorld,
+    PeerWork,
     PolicyEngine,
     cidr_of,
     cidr_prefixes,
@@ -50,14 +52,18 @@ from services.policy.core.world import PolicyResource
 
 KINDS = owned_kinds("policy")
 DEBOUNCE = 0.02
-"""Seconds a burst of changes is coalesced before the next compile (an isolated change runs at
-once; changes that arrive while compiling wait this long, then go in one batch)."""
+"""Seconds a burst of policy or named-port changes is coalesced before the next compile (an
+isolated change runs at once). New identities are never held: a pod waits on its own map."""
+PROPAGATE_CHUNK = 64
+"""Locals given a new peer's entries between two looks at the event loop (~5 ms of compile)."""
 DB_POLL = 1.0
 """Seconds between checks for policies another replica stored."""
 ALLOCATE_TIMEOUT = 2.0
 RETRY_MIN, RETRY_MAX = 0.5, 10.0
 PUBLISH_CONCURRENCY = 16
-"""Puts in flight at once (values can be 100 KB+: more only makes JetStream time out)."""
+"""Puts in flight at once (a value is ~16 bytes an entry, up to ~260 KB at 16,384 entries)."""
+URGENT, BACKGROUND = 0, 1
+"""Publish priorities: a new identity's own map before the peers' maps it changed."""
 
 NamedPortMap = dict[tuple[str, int], frozenset[int]]
 
@@ -151,13 +157,20 @@ class PolicyService:
         self._pending_ids: dict[int, LabelSet | None] = {}
         self._pending_ports: set[int] = set()
         self._unpublished: set[int] = set()
+        self._peer_work: dict[int, PeerWork] = {}
+        self._queue: asyncio.PriorityQueue[tuple[int, int, int]] = asyncio.PriorityQueue()
+        self._queued: dict[int, tuple[int, int]] = {}
+        self._seq = 0
+        self._inflight = 0
+        self._key_locks: dict[str, asyncio.Lock] = {}
+        self._compiled_once = False
         self._policies_dirty = True
         self._fingerprint: tuple[tuple[str, str, str, int], ...] | None = None
         self._wake = asyncio.Event()
         self._retry_delay = RETRY_MIN
         self._retry_handle: asyncio.TimerHandle | None = None
         self.ready = asyncio.Event()
-        self.stats: dict[str, Any] = {"compiles": 0, "puts": 0, "deletes": 0}
+        self.stats: dict[str, Any] = {"compiles": 0, "puts": 0, "deletes": 0, "settled": 0}
         self._policy_kv: KV | None = None
 
     # -- wiring ----------------------------------------------------------------------------
@@ -181,6 +194,8 @@ class PolicyService:
         ctx.spawn(self._watch_published(policy_synced), name="watch:policy")
         ctx.spawn(self._run(ident_mirror, ep_mirror, policy_synced), name="compile")
         ctx.spawn(self._poll_db(), name="poll:policies")
+        for n in range(PUBLISH_CONCURRENCY):
+            ctx.spawn(self._publish_worker(), name=f"publish:{n}")
         self._update_status()
 
     # -- inputs ----------------------------------------------------------------------------
@@ -337,8 +352,8 @@ class PolicyService:
                 self.ctx.status["last_error"] = repr(exc)
                 self._retry_later()
             self._update_status()
-            if self._wake.is_set():  # more changes came in while compiling: coalesce a burst
-                await asyncio.sleep(self.debounce)
+            if self._wake.is_set() and (self._policies_dirty or self._pending_ports):
+                await asyncio.sleep(self.debounce)  # coalesce a burst of policy/port changes
 
     def _retry_later(self) -> None:
         if self._retry_handle is not None:
@@ -381,29 +396,49 @@ class PolicyService:
             current = engine.cache.identities.get(ident)
             if labels is None:
                 if current is not None:
+                    self._peer_work.pop(ident, None)
                     touched |= set(engine.remove_identity(ident))
                     touched.add(ident)
                 continue
             if current == labels:
                 continue
-            if current is not None:
-                touched |= set(engine.remove_identity(ident))
-            touched |= set(engine.add_identity(ident, labels, self.named_ports.get(ident)))
+            self._peer_work.pop(ident, None)
+            deltas, work = engine.admit_identity(ident, labels, self.named_ports.get(ident))
+            touched |= set(deltas)
+            if work.locals:
+                self._peer_work[ident] = work
         ports, self._pending_ports = self._pending_ports, set()
         for ident in sorted(ports):
             touched |= set(engine.set_named_ports(ident, self.named_ports.get(ident, {})))
         if full:
             touched = set(engine.compiled) | {int(k) for k in self.published if k.isdigit()}
+        self._mark(touched & fresh, URGENT)  # a new pod's own map first: it waits on it
+        self._mark(touched - fresh, BACKGROUND)
+        await self._propagate()
         self.stats["last_compile_ms"] = round((time.perf_counter() - started) * 1000, 2)
         self.stats["compiles"] += 1
-        await self._publish(touched & fresh)  # a new pod's own map first: it waits on it
-        await self._publish(touched - fresh)
-        if not self._unpublished:
-            self._retry_delay = RETRY_MIN
-        self.ctx.status["unpublished"] = len(self._unpublished)
         self.ctx.status.pop("last_error", None)
         self.ctx.status.pop("database", None)
-        self.ready.set()
+        self._compiled_once = True
+        self._check_drained()
+
+    async def _propagate(self) -> None:
+        """New identities' entries in the maps of the locals they are a peer of, in parts: the
+        loop gets a look in between, and a newer identity (whose pod waits on its own map) is
+        taken in before the rest. Maps changed here are published in the background."""
+        assert self.engine is not None
+        while self._peer_work:
+            if self._pending_ids:
+                self._wake.set()  # back after the newer identities
+                return
+            ident, work = next(iter(self._peer_work.items()))
+            part = replace(work, locals=work.locals[:PROPAGATE_CHUNK])
+            if len(work.locals) > PROPAGATE_CHUNK:
+                self._peer_work[ident] = replace(work, locals=work.locals[PROPAGATE_CHUNK:])
+            else:
+                del self._peer_work[ident]
+            self._mark(self.engine.propagate_identity(part), BACKGROUND)
+            await asyncio.sleep(0)
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -426,35 +461,77 @@ class PolicyService:
             self.overflows[ident] = str(overflow)
             if key in self.published:
                 return KEEP
-            return {"identity": ident, "enforce": {"ingress": True, "egress": True},
-                    "entries": [], "overflow": {"entries": overflow.entries,
-                                                "capacity": overflow.capacity}}
+            marker = build_value(ident, {"ingress": True, "egress": True}, [])
+            marker["overflow"] = {"entries": overflow.entries, "capacity": overflow.capacity}
+            return marker
         self.overflows.pop(ident, None)
-        body = encode_policy(pol, 0)
-        del body["revision"]
-        return body
+        return encode_policy(pol, None)
 
-    async def _publish(self, idents: Iterable[int]) -> None:
-        semaphore = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+    def _mark(self, idents: Iterable[int], priority: int) -> None:
+        """Queue maps for publishing. A map queued again before a worker took it is written
+        once (with the state of the moment it is written); a more urgent mark moves it up."""
+        for ident in sorted(set(idents)):
+            queued = self._queued.get(ident)
+            if queued is not None and queued[0] <= priority:
+                continue
+            self._seq += 1
+            self._queued[ident] = (priority, self._seq)
+            self._queue.put_nowait((priority, self._seq, ident))
 
-        async def one(ident: int) -> None:
-            async with semaphore:
-                desired = self._desired(ident)
-                key = kv_key(ident)
-                try:
-                    if desired is None:
-                        if key in self.published:
-                            await self._delete(key)
-                        return
-                    if desired is not KEEP:
-                        await self._put(key, desired)
-                except (nats.errors.Error, TimeoutError, OSError) as exc:
-                    self._unpublished.add(ident)
-                    self.ctx.log.warning("policy %s not published (%s); retrying", key, exc)
+    async def _publish_worker(self) -> None:
+        """One of ``PUBLISH_CONCURRENCY`` writers: pipelined puts, urgent maps first."""
+        while True:
+            priority, seq, ident = await self._queue.get()
+            if self._queued.get(ident) != (priority, seq):
+                continue  # superseded by a more urgent mark
+            del self._queued[ident]
+            self._inflight += 1
+            try:
+                await self._publish_one(ident)
+            except Exception as exc:  # keep the writer alive; the map is retried
+                self.ctx.log.exception("policy %s not published", ident)
+                self.ctx.status["last_error"] = repr(exc)
+                self._unpublished.add(ident)
+                self._retry_later()
+            finally:
+                self._inflight -= 1
+                self._check_drained()
 
-        await asyncio.gather(*(one(i) for i in sorted(set(idents))))
-        if self._unpublished:
-            self._retry_later()
+    async def _publish_one(self, ident: int) -> None:
+        key = kv_key(ident)
+        lock = self._key_locks.setdefault(key, asyncio.Lock())
+        async with lock:  # one writer per key; the value is computed when it is written
+            desired = self._desired(ident)
+            try:
+                if desired is None:
+                    if key in self.published:
+                        await self._delete(key)
+                    return
+                if desired is not KEEP:
+                    await self._put(key, desired)
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                self._unpublished.add(ident)
+                self.ctx.log.warning("policy %s not published (%s); retrying", key, exc)
+                self._retry_later()
+
+    @property
+    def publish_pending(self) -> int:
+        """Maps still to write, including those waiting on a new peer's entries."""
+        waiting = sum(len(w.locals) for w in self._peer_work.values())
+        return len(self._queued) + self._inflight + waiting
+
+    def _check_drained(self) -> None:
+        """Everything compiled is written: ready (the first time), and one more ``settled``."""
+        if self._queued or self._inflight or self._peer_work or self._pending_ids:
+            return
+        if not self._compiled_once:
+            return
+        if not self._unpublished:
+            self._retry_delay = RETRY_MIN
+        self.ctx.status["unpublished"] = len(self._unpublished)
+        self.stats["settled"] += 1
+        self.ready.set()
+        self._update_status()
 
     async def _put(self, key: str, body: dict[str, Any]) -> None:
         """Write only a changed value; the revision counts up per key; a racing replica that
@@ -497,6 +574,7 @@ class PolicyService:
         status["identities"] = len(self.identities)
         status["published"] = len(self.published)
         status["overflow"] = sorted(self.overflows.values())
+        status["publish_pending"] = self.publish_pending
         status.update(self.stats)
 
     # -- REST hooks ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from enum import IntEnum
 from typing import Any
 
 from ciliate.flows.tables import PolicyMatchType, TrafficDirection
+from ciliate.policymap import Entry, iter_entries
 
 from .model import (
     DIRECTION_BY_NAME,
@@ -86,29 +87,24 @@ def match_type(peer: int, proto: int, port_prefixlen: int) -> PolicyMatchType:
     return PolicyMatchType.ALL
 
 
-def _expand_entry(local: int, e: Mapping[str, Any]) -> list[tuple[PolicyKey, PolicyValue]]:
-    direction = DIRECTION_BY_NAME[str(e["direction"])]
-    proto = int(e.get("proto", 0))
-    port = int(e.get("port", 0))
-    plen = int(e.get("port_prefixlen", 16 if port else 0))
+def _expand_entry(local: int, e: Entry) -> list[tuple[PolicyKey, PolicyValue]]:
+    direction = DIRECTION_BY_NAME[e.direction]
+    proto, port, plen = e.proto, e.port, e.prefixlen
     if not 0 <= plen <= 16:
         raise ValueError(f"port_prefixlen {plen} out of range 0..16")
     if plen == 0:
         port = 0
     else:
         port &= (0xFFFF << (16 - plen)) & 0xFFFF
-    peer = int(e.get("peer", 0))
-    deny = bool(e.get("deny", False))
     protos: Iterable[int] = (proto,)
     if proto == Proto.ANY and plen > 0:
         protos = PORT_PROTOCOLS  # an LPM key cannot wildcard proto yet fix the port
     out = []
     for pr in protos:
-        key = PolicyKey(local, direction, peer, pr, port if pr != Proto.ANY else 0,
+        key = PolicyKey(local, direction, e.peer, pr, port if pr != Proto.ANY else 0,
                         plen if pr != Proto.ANY else 0)
-        mt = match_type(peer, pr, key.port_prefixlen)
-        val = PolicyValue(deny, int(e.get("proxy_port", 0)), mt)
-        out.append((key, val))
+        mt = match_type(e.peer, pr, key.port_prefixlen)
+        out.append((key, PolicyValue(e.deny, e.proxy_port, mt)))
     return out
 
 
@@ -122,7 +118,8 @@ def _l4_covers(outer: PolicyKey, inner: PolicyKey) -> bool:
 
 
 def policy_entries(payload: Mapping[str, Any]) -> dict[PolicyKey, PolicyValue]:
-    """One KV ``policy`` value -> map entries.
+    """One KV ``policy`` value (packed, or the older list form: :mod:`ciliate.policymap`)
+    -> map entries.
 
     Deny wins over allow (Cilium). The BPF lookup takes the longest match per peer (the given
     identity, then 0 = any) and lets a deny from either lookup win; an allow that a same-peer
@@ -130,7 +127,7 @@ def policy_entries(payload: Mapping[str, Any]) -> dict[PolicyKey, PolicyValue]:
     """
     local = int(payload["identity"])
     merged: dict[PolicyKey, PolicyValue] = {}
-    for e in payload.get("entries", []):
+    for e in iter_entries(payload):
         for key, val in _expand_entry(local, e):
             old = merged.get(key)
             if old is None or (val.deny and not old.deny):

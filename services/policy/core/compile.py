@@ -573,6 +573,20 @@ class PolicyEngine:
     ) -> dict[int, EntryDelta]:
         """A new identity: only the entries whose peer it is are computed for the locals whose
         rules now select it (plus its own map when it is a local)."""
+        deltas, work = self.admit_identity(ident, labels, named_ports)
+        deltas.update(self.propagate_identity(work))
+        return deltas
+
+    def admit_identity(
+        self,
+        ident: int,
+        labels: LabelSet,
+        named_ports: Mapping[tuple[str, int], frozenset[int]] | None = None,
+    ) -> tuple[dict[int, EntryDelta], PeerWork]:
+        """First half of :meth:`add_identity`: the identity joins the selections and its own
+        map is compiled (a new pod waits on that one); the other locals' entries for it as a
+        peer are left as ``PeerWork`` for :meth:`propagate_identity` (in as many parts as the
+        caller likes, since entries of different peers never interact)."""
         deltas: dict[int, EntryDelta] = {}
         if ident in self.cache.identities:
             deltas = self.remove_identity(ident)
@@ -593,21 +607,47 @@ class PolicyEngine:
             if peer_hit:
                 hit.append(rule)
                 affected |= self.cache.select(rule.subject)
-        self._invalidate(hit)
+        self._invalidate(hit, selections=False)
+        self._index_new(ident)
         required = any(rule.requires for rule in hit)
-        for local in sorted(affected - {ident}):
+        if CLUSTER_IDENTITY_MIN <= ident < CIDR_IDENTITY_BASE:
+            deltas.update(self._recompile([ident]))
+        return deltas, PeerWork(ident, tuple(sorted(affected - {ident})), required)
+
+    def propagate_identity(self, work: PeerWork) -> dict[int, EntryDelta]:
+        """Second half of :meth:`add_identity` for ``work.locals``; locals that left meanwhile
+        are skipped, as is all of it if the identity itself left."""
+        deltas: dict[int, EntryDelta] = {}
+        if work.ident not in self.cache.identities:
+            return deltas
+        for local in work.locals:
             current = self.compiled.get(local)
-            if current is None or required:
-                deltas.update(self._recompile([local]))
+            if current is None or work.required:
+                if local in self.cache.identities and (
+                    CLUSTER_IDENTITY_MIN <= local < CIDR_IDENTITY_BASE
+                ):
+                    deltas.update(self._recompile([local]))
                 continue
-            part = self.compile_identity(local, only_peer=ident)
+            part = self.compile_identity(local, only_peer=work.ident)
             if part.entries:
                 current.entries.update(part.entries)
                 current.l7.update(part.l7)
                 deltas[local] = EntryDelta(added=dict(part.entries), removed=set())
-        if CLUSTER_IDENTITY_MIN <= ident < CIDR_IDENTITY_BASE:
-            deltas.update(self._recompile([ident]))
         return deltas
+
+    def _index_new(self, ident: int) -> None:
+        """Add a new identity to the rule indexes (the other locals' selections are as they
+        were), instead of rebuilding them."""
+        if self._rule_index is None or self._enf_index is None:
+            return
+        self._rule_index.pop(ident, None)
+        self._enf_index.pop(ident, None)
+        rules = [r for r in self.policies.rules if ident in self.cache.select(r.subject)]
+        enfs = [e for e in self.policies.enforcements if ident in self.cache.select(e.subject)]
+        if rules:
+            self._rule_index[ident] = rules
+        if enfs:
+            self._enf_index[ident] = enfs
 
     def remove_identity(self, ident: int) -> dict[int, EntryDelta]:
         hit = [rule for rule in self.policies.rules if ident in self._rule_peers(rule)]
@@ -694,6 +734,16 @@ class PolicyEngine:
             if delta or old is None or old.enforce != new.enforce:
                 deltas[local] = delta
         return deltas
+
+
+@dataclass(frozen=True)
+class PeerWork:
+    """Locals still to get a new identity's entries as a peer (see ``admit_identity``)."""
+
+    ident: int
+    locals: tuple[int, ...]
+    required: bool = False
+    """Some hit rule has requirements: those locals are recompiled whole."""
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""The KV ``policy`` value, as the datapath reads it (see the shared contract)."""
+"""The KV ``policy`` value, as the datapath reads it (layout: :mod:`ciliate.policymap`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ciliate.policymap import DIRECTION_CODES, CookieRow, Flag, Key, build_value, iter_entries
 from services.policy.core.compile import (
     DEFAULT_MAP_CAPACITY,
     EntryKey,
@@ -30,48 +31,36 @@ def encode_l7(value: EntryValue, rules: list[tuple[str, tuple[object, ...]]]) ->
     return {"http": http, "wildcard": bool(value.cookies - l7_cookies)}
 
 
-def encode_entry(
-    key: EntryKey, value: EntryValue, l7: list[tuple[str, tuple[object, ...]]] | None = None
-) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "peer": key.peer,
-        "direction": key.direction.value,
-        "proto": key.proto,
-        "port": key.port,
-        "port_prefixlen": key.prefixlen,
-        "deny": value.deny,
-        "proxy_port": value.proxy_port,
-        "cookies": sorted(value.cookies),
-    }
-    if value.proxy_port and not value.deny:
-        out["l7"] = encode_l7(value, l7 or [])
-    return out
-
-
-def decode_entry(data: dict[str, Any]) -> tuple[EntryKey, EntryValue]:
-    key = EntryKey(
-        int(data["peer"]),
-        Direction(data["direction"]),
-        int(data["proto"]),
-        int(data["port"]),
-        int(data["port_prefixlen"]),
-    )
-    return key, EntryValue(bool(data["deny"]), int(data["proxy_port"]), set(data["cookies"]))
-
-
-def encode_policy(policy: IdentityPolicy, revision: int) -> dict[str, Any]:
-    return {
-        "identity": policy.identity,
-        "revision": revision,
-        "enforce": {d.value: policy.enforce.get(d, False) for d in Direction},
-        "entries": [
-            encode_entry(k, v, policy.l7.get(k)) for k, v in sorted(policy.entries.items())
-        ],
-    }
+def encode_policy(policy: IdentityPolicy, revision: int | None) -> dict[str, Any]:
+    """The KV ``policy`` value of ``policy`` in the packed layout of :mod:`ciliate.policymap`
+    (``revision`` None leaves the field out, for digests and the publisher)."""
+    codes = {d: DIRECTION_CODES[d.value] for d in Direction}
+    cookie_tuples: dict[int, tuple[str, ...]] = {}  # values are shared between keys
+    rows: list[CookieRow] = []
+    append = rows.append
+    l7: dict[Key, dict[str, Any]] = {}
+    deny = Flag.DENY.value
+    for k, v in policy.entries.items():
+        cookies = cookie_tuples.get(id(v))
+        if cookies is None:
+            cookies = cookie_tuples[id(v)] = tuple(sorted(v.cookies))
+        direction = codes[k.direction]
+        append((k.peer, direction, k.proto, k.port, k.prefixlen, deny if v.deny else 0,
+                v.proxy_port, cookies))
+        if v.proxy_port and not v.deny:
+            l7[(k.peer, direction, k.proto, k.port, k.prefixlen)] = encode_l7(
+                v, policy.l7.get(k) or [])
+    enforce = {d.value: policy.enforce.get(d, False) for d in Direction}
+    return build_value(policy.identity, enforce, rows, l7, revision)
 
 
 def decode_policy(data: dict[str, Any]) -> IdentityPolicy:
-    entries = dict(decode_entry(e) for e in data["entries"])
+    """A KV ``policy`` value (packed or the older list form) back to entries."""
+    entries = {
+        EntryKey(e.peer, Direction(e.direction), e.proto, e.port, e.prefixlen):
+            EntryValue(e.deny, e.proxy_port, set(e.cookies))
+        for e in iter_entries(data)
+    }  # fmt: skip
     enforce = {d: bool(data["enforce"].get(d.value, False)) for d in Direction}
     return IdentityPolicy(int(data["identity"]), enforce, entries)
 

@@ -15,6 +15,7 @@ from policy_harness import SHARED, TOKEN, StackFactory, conformance_world, wait_
 from ciliate.bus import Bucket
 from ciliate.client import ClientContext
 from ciliate.labels import CIDR_IDENTITY_BASE
+from ciliate.policymap import ENTRY, LAYOUT, iter_entries, readable
 from services.policy.cli import policy
 from services.policy.core.compile import CompileResult
 from services.policy.core.kv import decode_policy
@@ -88,8 +89,9 @@ async def test_kv_value_follows_the_contract_and_revision_counts_up(
     xa = str(world.pods["x/a"].identity)
     await wait_for(lambda: _has_keys(stack, {xa}), what="x/a published")
     first = (await stack.policy_kv())[xa]
-    assert first == {"identity": int(xa), "revision": 1,
-                     "enforce": {"ingress": False, "egress": False}, "entries": []}
+    assert first == {"identity": int(xa), "revision": 1, "layout": LAYOUT,
+                     "enforce": {"ingress": False, "egress": False}, "entries": b"",
+                     "cookies": []}
     doc = docs(SHARED / "cases" / "06-ports.yaml")[0]
     assert (await stack.rest("POST", "/v1/resources", doc))[0] == 201
 
@@ -99,9 +101,10 @@ async def test_kv_value_follows_the_contract_and_revision_counts_up(
 
     value = await wait_for(second, what="x/a revision 2")
     assert value["enforce"]["ingress"] is True
-    entry = value["entries"][0]
-    assert set(entry) == {"peer", "direction", "proto", "port", "port_prefixlen", "deny",
-                          "proxy_port", "cookies"}
+    assert isinstance(value["entries"], bytes) and len(value["entries"]) % ENTRY.size == 0
+    entries = list(iter_entries(value))
+    assert entries and all(e.cookies for e in entries)
+    assert (0, "ingress", 6, 81, 16) in {e[:5] for e in entries}
     # Unrelated identities are not rewritten: y/a keeps revision 1.
     ya = str(world.pods["y/a"].identity)
     assert (await stack.policy_kv())[ya]["revision"] == 1
@@ -183,7 +186,7 @@ async def test_new_identity_gets_entries_and_cidr_prefixes_go_to_the_allocator(
 
     value = await wait_for(published, what="the new identity's entries")
     assert value["enforce"] == {"ingress": False, "egress": True}
-    assert [(e["peer"], e["direction"], e["proto"], e["port"]) for e in value["entries"]] == [
+    assert [(e.peer, e.direction, e.proto, e.port) for e in iter_entries(value)] == [
         (cidr_id, "egress", 6, 443)]
     await kv.delete(str(new_id))
 
@@ -251,7 +254,7 @@ async def test_overflow_is_refused_loudly_never_truncated(policy_stack: StackFac
     assert any(f"identity {xa}" in m for m in messages)
     value = (await stack.policy_kv())[xa]
     # x/a had a (small) value before: it is kept as it was, not replaced by a truncated map.
-    assert value["revision"] == 1 and value["entries"] == [] and not value.get("overflow")
+    assert value["revision"] == 1 and value["entries"] == b"" and not value.get("overflow")
     # A new identity with no previous value gets the fail-closed marker.
     kv = await stack.bus.kv(Bucket.IDENTITIES)
     labels = ["k8s:io.kubernetes.pod.namespace=x", "k8s:pod=a", "k8s:extra=1"]
@@ -261,7 +264,7 @@ async def test_overflow_is_refused_loudly_never_truncated(policy_stack: StackFac
         return (await stack.policy_kv()).get("5000")
 
     fresh = await wait_for(marker, what="the overflow marker for a new identity")
-    assert fresh["entries"] == [] and fresh["enforce"] == {"ingress": True, "egress": True}
+    assert fresh["entries"] == b"" and fresh["enforce"] == {"ingress": True, "egress": True}
     assert fresh["overflow"]["capacity"] == 3 and fresh["overflow"]["entries"] > 3
 
 
@@ -295,4 +298,7 @@ async def test_cli_policy_get_and_policy_entries(
     assert any(line.startswith("Allow") and "Ingress" in line and "reserved:host" in line
                for line in lines), got.output
     got = await asyncio.to_thread(runner.invoke, policy, ["entries", str(xa), "-o", "json"])
-    assert json.loads(got.output) == (await stack.policy_kv())[str(xa)]
+    shown = json.loads(got.output)  # entries as dicts, not the packed bytes
+    assert shown == readable((await stack.policy_kv())[str(xa)])
+    assert {"peer", "direction", "proto", "port", "port_prefixlen", "deny", "proxy_port",
+            "cookies"} <= set(shown["entries"][0])

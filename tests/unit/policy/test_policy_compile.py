@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ciliate.bus import codec
 from ciliate.labels import LabelSet
+from ciliate.policymap import ENTRY, iter_entries
 from ciliate.resources.base import ResourceError, validate_model
 from ciliate.resources.ciliumpolicy import CiliumNetworkPolicy
 from ciliate.resources.selectors import LabelSelector
@@ -180,8 +182,9 @@ def test_kv_encoding_round_trips() -> None:
     pol = PolicyEngine(normalize([policy]), IdentityWorld(WORLD)).compile_all().policies[256]
     encoded = encode_policy(pol, revision=3)
     assert encoded["enforce"] == {"ingress": True, "egress": False}
-    assert {e["proto"] for e in encoded["entries"] if e["port"] == 80} == {6, 17, 132}
-    back = decode_policy(encoded)
+    assert {e.proto for e in iter_entries(encoded) if e.port == 80} == {6, 17, 132}
+    assert len(encoded["entries"]) == ENTRY.size * len(pol.entries)
+    back = decode_policy(codec.unpack(codec.pack(encoded)))
     assert back.entries == pol.entries
 
 

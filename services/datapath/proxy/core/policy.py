@@ -13,9 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ciliate.policymap import iter_entries
 from services.datapath.proxy.core.rules import L7Rules
 
 WORLD_IDENTITY = 2
+NO_L7 = L7Rules()
 ANY_PEER = 0
 
 
@@ -37,12 +39,12 @@ class IdentityEntries:
 
     @classmethod
     def from_kv(cls, value: Mapping[str, Any]) -> IdentityEntries:
+        """A KV ``policy`` value, packed or in the older list form (:mod:`ciliate.policymap`)."""
         entries: dict[EntryKey, Entry] = {}
-        for e in value.get("entries", ()):
-            key = (int(e["peer"]), str(e["direction"]), int(e["proto"]), int(e["port"]),
-                   int(e["port_prefixlen"]))
-            entries[key] = Entry(bool(e.get("deny")), int(e.get("proxy_port", 0)),
-                                 L7Rules.from_entry(e), tuple(e.get("cookies", ())))
+        for e in iter_entries(value):
+            key = (e.peer, e.direction, e.proto, e.port, e.prefixlen)
+            rules = L7Rules.from_entry({"l7": e.l7}) if e.l7 is not None else NO_L7
+            entries[key] = Entry(e.deny, e.proxy_port, rules, e.cookies)
         enforce = {str(k): bool(v) for k, v in (value.get("enforce") or {}).items()}
         return cls(enforce, entries)
 
