@@ -7,8 +7,8 @@ The agents publish flow records on ``flows.<node>`` (the ``BatchPublisher`` enve
 Fields the wire does not carry print as Cilium prints an unknown: ``flow 0x...`` is a CRC-32 of
 the 5-tuple (so the lines of one connection share it), ``orig-ip`` is the source address (this
 datapath does no reverse NAT), ``ifindex`` is the record's interface when the producer set one,
-else 0, and a trace's ``state`` is read from its TCP flags and reply bit (SYN without ACK =
-new, reply = reply, otherwise established).
+else 0. A trace's ``state`` is the conntrack state the datapath recorded (the flow's
+``trace_reason``), named as Cilium's monitor names it; a record without one says ``unknown``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ciliate.flows.tables import (
     MessageType,
     TCPFlag,
     TraceObservationPoint,
+    TraceReason,
     TrafficDirection,
     Verdict,
     drop_reason_text,
@@ -119,13 +120,14 @@ def _ifindex(w: Mapping[str, Any]) -> str:
     return "0"
 
 
+TRACE_STATE_NAMES: dict[int, str] = {
+    TraceReason.NEW: "new", TraceReason.ESTABLISHED: "established", TraceReason.REPLY: "reply",
+    TraceReason.RELATED: "related", TraceReason.REOPENED: "reopened"}
+"""``cilium-dbg monitor``'s connection states (its ``connState``)."""
+
+
 def trace_state(w: Mapping[str, Any]) -> str:
-    if w.get("rp"):
-        return "reply"
-    bits = int(w.get("tf", 0))
-    if int(w.get("p", 0)) == 6 and bits & TCPFlag.SYN and not bits & TCPFlag.ACK:
-        return "new"
-    return "established"
+    return TRACE_STATE_NAMES.get(int(w.get("tr", 0)), "unknown")
 
 
 def _identities(w: Mapping[str, Any], numeric: bool) -> str:

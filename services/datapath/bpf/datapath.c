@@ -30,6 +30,14 @@
 #define TCPF_RST 0x04
 #define TCPF_ACK 0x10
 
+// flow_event.trace_reason: Cilium's TRACE_REASON_* (the connection's conntrack state);
+// reply = TR_REPLY, so the byte that once said is_reply keeps its meaning for replies.
+#define TR_UNKNOWN 0
+#define TR_NEW 1
+#define TR_ESTABLISHED 2
+#define TR_REPLY 3
+#define TR_RELATED 4
+#define TR_REOPENED 5
 #define MSG_DROP 1
 #define MSG_TRACE 4
 #define MSG_POLICY_VERDICT 5
@@ -158,7 +166,7 @@ struct flow_event {
     u8 direction;
     u8 proto;
     u8 tcp_flags;
-    u8 is_reply;
+    u8 trace_reason;  // TR_*; 0 for drops
     u8 match_type;
 };
 
@@ -271,7 +279,7 @@ static __always_inline void ct_touch(struct ct_val *e, struct pkt *p, u32 len, i
 
 static __always_inline void emit(struct pkt *p, struct __sk_buff *skb, u8 type, u8 verdict,
                                  u8 reason, u8 dir, u32 src_id, u32 dst_id, u32 ep_id,
-                                 u8 match, u8 is_reply) {
+                                 u8 match, u8 trace_reason) {
     struct flow_event ev = {};
     ev.ts_ns = bpf_ktime_get_ns();
     ev.src_identity = src_id;
@@ -289,7 +297,7 @@ static __always_inline void emit(struct pkt *p, struct __sk_buff *skb, u8 type, 
     ev.direction = dir;
     ev.proto = p->proto;
     ev.tcp_flags = p->tcp_flags;
-    ev.is_reply = is_reply;
+    ev.trace_reason = trace_reason;
     ev.match_type = match;
     u32 zero = 0;
     u64 flags = RB_NO_WAKEUP;
@@ -315,7 +323,8 @@ static __always_inline void trace(struct ct_val *e, struct pkt *p, struct __sk_b
     u32 src_id = dir == DIR_EGRESS ? e->local_identity : e->peer_identity;
     u32 dst_id = dir == DIR_EGRESS ? e->peer_identity : e->local_identity;
     if (MONITOR_AGGREGATION < AGG_MEDIUM) {
-        emit(p, skb, MSG_TRACE, VERDICT_FORWARDED, 0, dir, src_id, dst_id, 0, 0, reply);
+        emit(p, skb, MSG_TRACE, VERDICT_FORWARDED, 0, dir, src_id, dst_id, 0, 0,
+             reply ? TR_REPLY : TR_ESTABLISHED);
         return;
     }
     u32 state = e->pad;
@@ -331,16 +340,17 @@ static __always_inline void trace(struct ct_val *e, struct pkt *p, struct __sk_b
         return;
     seen |= flags;
     e->pad = (now_s << 16) | (state & ~(0xffu << shift) & 0xffff) | (seen << shift);
-    emit(p, skb, MSG_TRACE, VERDICT_FORWARDED, 0, dir, src_id, dst_id, 0, 0, reply);
+    emit(p, skb, MSG_TRACE, VERDICT_FORWARDED, 0, dir, src_id, dst_id, 0, 0,
+             reply ? TR_REPLY : TR_ESTABLISHED);
 }
 
 // The first packet of an allowed connection when no verdict event stands for it: traced where
 // traces are kept (always at to_container, at from_container only without aggregation).
 static __always_inline void trace_first(struct pkt *p, struct __sk_buff *skb, u8 dir, u32 src_id,
-                                        u32 dst_id, u32 ep_id) {
+                                        u32 dst_id, u32 ep_id, u8 tr) {
     if (dir == DIR_EGRESS && MONITOR_AGGREGATION >= AGG_LOWEST)
         return;
-    emit(p, skb, MSG_TRACE, VERDICT_FORWARDED, 0, dir, src_id, dst_id, ep_id, 0, 0);
+    emit(p, skb, MSG_TRACE, VERDICT_FORWARDED, 0, dir, src_id, dst_id, ep_id, 0, tr);
 }
 
 static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
@@ -382,6 +392,7 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
     }
 
     // New connection (or a SYN reopening a tuple): decide policy once.
+    u8 tr = e ? TR_REOPENED : TR_NEW;
     struct ipcache_key ik = {.prefixlen = 32, .ip = dir == DIR_EGRESS ? p.daddr : p.saddr};
     struct ipcache_val *peer_v = cil_ipcache.lookup(&ik);
     u32 peer_id = peer_v ? peer_v->identity : WORLD_IDENTITY;
@@ -404,7 +415,7 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
     if (!(ep_flags & enforce_bit)) {
         ct_create(&k, &nv);
         count(0, dir, skb->len);
-        trace_first(&p, skb, dir, src_id, dst_id, ep_id);
+        trace_first(&p, skb, dir, src_id, dst_id, ep_id, tr);
         return TC_ACT_OK;
     }
 
@@ -443,9 +454,9 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
         count(0, dir, skb->len);
         if (LOG_ALLOWED_VERDICTS)
             emit(&p, skb, MSG_POLICY_VERDICT, VERDICT_FORWARDED, 0, dir, src_id, dst_id, ep_id,
-                 match, 0);
+                 match, tr);
         else
-            trace_first(&p, skb, dir, src_id, dst_id, ep_id);
+            trace_first(&p, skb, dir, src_id, dst_id, ep_id, tr);
         return TC_ACT_OK;
     }
     if (ep_flags & EP_AUDIT) {
@@ -453,9 +464,9 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
         count(0, dir, skb->len);
         if (POLICY_VERDICT_LOG != PV_LOG_NONE)
             emit(&p, skb, MSG_POLICY_VERDICT, VERDICT_AUDIT, reason, dir, src_id, dst_id, ep_id,
-                 match, 0);
+                 match, tr);
         else
-            trace_first(&p, skb, dir, src_id, dst_id, ep_id);
+            trace_first(&p, skb, dir, src_id, dst_id, ep_id, tr);
         return TC_ACT_OK;
     }
     count(reason, dir, skb->len);

@@ -15,6 +15,7 @@ from ciliate.flows.tables import (
     DropReason,
     MessageType,
     PolicyMatchType,
+    TraceReason,
     TrafficDirection,
     Verdict,
     drop_reason_name,
@@ -23,7 +24,10 @@ from ciliate.flows.tables import (
 
 EVENT = struct.Struct("<QII4s4sHHIIIBBBBBBBB")
 """ts_ns, src_identity, dst_identity, saddr, daddr, sport, dport, ifindex, len, endpoint_id,
-type, verdict, drop_reason, direction, proto, tcp_flags, is_reply, match_type."""
+type, verdict, drop_reason, direction, proto, tcp_flags, trace_reason, match_type.
+
+``trace_reason`` is the connection's conntrack state (``TraceReason``: new, established, reply,
+related, reopened; 0 when unknown, as for drops); a record is a reply iff it says REPLY."""
 
 EVENT_SIZE = EVENT.size
 
@@ -42,6 +46,7 @@ def _names(enum: Any, size: int = 256) -> tuple[Any, ...]:
 _TYPE = _names(MessageType)
 _VERDICT = _names(Verdict)
 _MATCH = _names(PolicyMatchType)
+_TRACE_REASON = _names(TraceReason)
 _DIRECTION = tuple(TrafficDirection(v).name if v in TrafficDirection._value2member_map_
                    else "TRAFFIC_DIRECTION_UNKNOWN" for v in range(256))
 _DROP_DESC = ("", *(drop_reason_name(v) for v in range(1, 256)))
@@ -51,7 +56,7 @@ _PROTO = tuple(PROTO_NAMES.get(v, str(v)) for v in range(256))
 
 def _flow(row: tuple[Any, ...]) -> dict[str, Any]:
     (ts, src_id, dst_id, saddr, daddr, sport, dport, ifindex, length, ep_id,
-     etype, verdict, reason, direction, proto, tcp_flags, is_reply, match) = row
+     etype, verdict, reason, direction, proto, tcp_flags, trace_reason, match) = row
     return {
         "ts_ns": ts,
         "type": _TYPE[etype],
@@ -67,7 +72,8 @@ def _flow(row: tuple[Any, ...]) -> dict[str, Any]:
         "traffic_direction": _DIRECTION[direction],
         "src_identity": src_id,
         "dst_identity": dst_id,
-        "is_reply": bool(is_reply),
+        "trace_reason": _TRACE_REASON[trace_reason],
+        "is_reply": trace_reason == TraceReason.REPLY,
         "ifindex": ifindex,
         "length": length,
         "endpoint_id": ep_id,
@@ -95,13 +101,16 @@ def encode_event(
     length: int = 0, endpoint_id: int = 0, type: MessageType = MessageType.DROP,
     verdict: Verdict = Verdict.DROPPED, drop_reason: int = DropReason.POLICY_DENIED,
     direction: TrafficDirection = TrafficDirection.INGRESS, proto: int = 6, tcp_flags: int = 0,
-    is_reply: bool = False, match_type: int = 0,
+    is_reply: bool = False, match_type: int = 0, trace_reason: int | None = None,
 ) -> bytes:
-    """The inverse of decode_event: what the BPF program writes (for tests and replay)."""
+    """The inverse of decode_event: what the BPF program writes (for tests and replay).
+    ``is_reply`` alone stands for trace reason REPLY."""
+    if trace_reason is None:
+        trace_reason = TraceReason.REPLY if is_reply else TraceReason.TRACE_REASON_UNKNOWN
     return EVENT.pack(
         ts_ns, src_identity, dst_identity, ipaddress.IPv4Address(src_ip).packed,
         ipaddress.IPv4Address(dst_ip).packed, src_port, dst_port, ifindex, length, endpoint_id,
-        type, verdict, drop_reason, direction, proto, tcp_flags, int(is_reply), match_type,
+        type, verdict, drop_reason, direction, proto, tcp_flags, trace_reason, match_type,
     )
 
 

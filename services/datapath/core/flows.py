@@ -26,6 +26,7 @@ from ciliate.flows.tables import (
     MessageType,
     MonitorTracePoint,
     PolicyMatchType,
+    TraceReason,
     TrafficDirection,
     Verdict,
 )
@@ -103,7 +104,7 @@ def event_to_flow(ev: Mapping[str, Any], ctx: FlowContext) -> Flow:
         event_type=etype,
         type=FlowType.L3_L4,
         traffic_direction=direction,
-        is_reply=bool(ev.get("is_reply", False)),
+        trace_reason=_enum(TraceReason, ev.get("trace_reason", 0)),
         policy_match_type=_enum(PolicyMatchType, ev.get("policy_match_type", 0)),
         ip_version=IPVersion.IPv4,
         source_ip=str(ev["src_ip"]),
@@ -113,6 +114,9 @@ def event_to_flow(ev: Mapping[str, Any], ctx: FlowContext) -> Flow:
         destination_port=int(ev.get("dst_port", 0)),
         tcp_flags=sum(TCP_FLAG_BITS.get(n, 0) for n in ev.get("tcp_flags", ())),
     )
+    # Hubble: a trace is a reply when conntrack says so (older producers only send is_reply).
+    f.is_reply = (f.trace_reason == TraceReason.REPLY if f.trace_reason
+                  else bool(ev.get("is_reply", False)))
     if proto == 1:  # ICMP has no ports; the fields hold type/code when the C fills them
         f.source_port = f.destination_port = 0
     ifindex = int(ev.get("ifindex", 0))

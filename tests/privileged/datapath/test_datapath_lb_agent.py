@@ -233,6 +233,24 @@ async def test_agent_load_balances_kv_services_and_reports_158(harness: Harness)
     await _until(lambda: asyncio.to_thread(both_answer), 60, f"b1 and b2 behind {VIP}")
     assert set(seen) == {"default/b1", "default/b2"}
 
+    # The policy datapath's traces say the conntrack state: NEW into the backend, REPLY back.
+    backend_ips = {PODS["b1"][1], PODS["b2"][1]}
+
+    def traces(reason: str) -> list[dict[str, Any]]:
+        out = []
+        for w in list(h.flows):
+            f = get_flows_response(w).get("flow", {})
+            if f.get("event_type", {}).get("type") == 4 and f.get("trace_reason") == reason:
+                out.append(f)
+        return out
+
+    new = await _until(lambda: [f for f in traces("NEW")
+                                if f["IP"]["destination"] in backend_ips], 15, "NEW traces")
+    assert new[0]["is_reply"] is False and new[0]["l4"]["TCP"]["destination_port"] == 80
+    reply = await _until(lambda: [f for f in traces("REPLY")
+                                  if f["IP"]["source"] in backend_ips], 15, "REPLY traces")
+    assert reply[0]["is_reply"] is True and reply[0]["IP"]["destination"] == PODS["c1"][1]
+
     # No backends: connect() is refused at once, by the socket LB.
     assert h.client(EMPTY_VIP, 80, 3) == {"answers": {}, "errors": {"ECONNREFUSED": 3},
                                           "peers": []}

@@ -3,10 +3,14 @@ pure helpers (remote routes, enforcement counts) decide what users see in routes
 
 from __future__ import annotations
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from ciliate.flows.jsonpb import flow_json
 from ciliate.flows.model import Flow
-from ciliate.flows.tables import MessageType, TrafficDirection, Verdict
-from services.datapath.core.events import decode_event, encode_event
+from ciliate.flows.tables import MessageType, TraceReason, TrafficDirection, Verdict
+from services.datapath.core.events import EVENT_SIZE, decode_event, encode_event
 from services.datapath.core.flows import FlowContext, event_to_flow
 from services.datapath.core.plan import desired_state
 from services.datapath.service import enforcement_counts, local_pods, remote_routes
@@ -48,6 +52,36 @@ def test_unknown_peer_gets_identity_labels_and_trace_gets_observation_point() ->
     j = flow_json(f)
     assert j["trace_observation_point"] == "FROM_ENDPOINT" and j["is_reply"] is True
     assert j["verdict"] == "FORWARDED"
+
+
+@pytest.mark.parametrize("reason", list(TraceReason)[:6])
+def test_trace_reason_travels_from_record_to_hubble_json(reason: TraceReason) -> None:
+    raw = encode_event(src_ip="10.0.0.1", dst_ip="10.0.0.2", type=MessageType.TRACE,
+                       verdict=Verdict.FORWARDED, drop_reason=0, trace_reason=reason,
+                       direction=TrafficDirection.INGRESS)
+    assert len(raw) == EVENT_SIZE == 48  # the C struct's size did not change
+    ev = decode_event(raw)
+    assert ev["trace_reason"] == reason.name
+    f = event_to_flow(ev, _ctx())
+    assert f.trace_reason == reason
+    w = f.to_wire()
+    assert w.get("tr", 0) == reason and Flow.from_wire(w).trace_reason == reason
+    j = flow_json(f)
+    assert j.get("trace_reason", "TRACE_REASON_UNKNOWN") == reason.name
+    assert j["is_reply"] is (reason == TraceReason.REPLY)
+
+
+def test_drop_records_carry_no_trace_reason() -> None:
+    f = event_to_flow(decode_event(encode_event(src_ip="10.0.0.2", dst_ip="10.0.0.1")), _ctx())
+    assert f.trace_reason == TraceReason.TRACE_REASON_UNKNOWN and f.is_reply is False
+    assert "trace_reason" not in flow_json(f)
+
+
+@given(st.integers(0, 255))
+def test_any_trace_reason_byte_decodes_and_reply_is_exactly_reason_3(byte: int) -> None:
+    ev = decode_event(encode_event(type=MessageType.TRACE, trace_reason=byte))
+    assert ev["is_reply"] is (byte == TraceReason.REPLY)
+    assert event_to_flow(ev, _ctx()).trace_reason == byte
 
 
 def test_remote_routes_point_at_the_other_node_and_wait_for_its_address() -> None:

@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ciliate.flows.model import LostEvent
-from ciliate.flows.tables import DropReason, LostEventSource, MessageType, TrafficDirection, Verdict
+from ciliate.flows.tables import (
+    DropReason,
+    LostEventSource,
+    MessageType,
+    TraceReason,
+    TrafficDirection,
+    Verdict,
+)
 from services.datapath.core.events import decode_event, encode_event
 from services.datapath.core.flows import FlowContext, event_to_flow
 from services.datapath.monitor import (
@@ -42,7 +49,7 @@ def wire(**kw: Any) -> dict[str, Any]:
 
 def test_trace_to_endpoint_reads_like_cilium() -> None:
     w = wire(type=MessageType.TRACE, verdict=Verdict.FORWARDED, drop_reason=0,
-             direction=TrafficDirection.INGRESS, tcp_flags=SYN)
+             direction=TrafficDirection.INGRESS, tcp_flags=SYN, trace_reason=TraceReason.NEW)
     assert format_line(w) == (
         f"-> endpoint 2345 flow {flow_hash(w):#x} identity 256->257 state new ifindex 0 "
         "orig-ip 10.244.0.2: 10.244.0.2:40000 -> 10.244.1.3:80 tcp SYN")
@@ -50,15 +57,31 @@ def test_trace_to_endpoint_reads_like_cilium() -> None:
 
 def test_trace_from_endpoint_reply_and_established() -> None:
     reply = wire(type=MessageType.TRACE, verdict=Verdict.FORWARDED, drop_reason=0,
-                 direction=TrafficDirection.EGRESS, tcp_flags=SYN | ACK, is_reply=True,
+                 direction=TrafficDirection.EGRESS, tcp_flags=SYN | ACK,
+                 trace_reason=TraceReason.REPLY,
                  src_ip="10.244.1.3", dst_ip="10.244.0.2", src_port=80, dst_port=40000,
                  src_identity=257, dst_identity=256)
     line = format_line(reply)
     assert line.startswith("<- endpoint 2345 flow ")
     assert "state reply" in line and line.endswith("10.244.1.3:80 -> 10.244.0.2:40000 tcp SYN, ACK")
     est = wire(type=MessageType.TRACE, verdict=Verdict.FORWARDED, drop_reason=0,
-               direction=TrafficDirection.EGRESS, tcp_flags=ACK)
+               direction=TrafficDirection.EGRESS, tcp_flags=ACK,
+               trace_reason=TraceReason.ESTABLISHED)
     assert "state established" in format_line(est)
+
+
+def test_trace_state_is_the_datapaths_conntrack_state_not_the_flags() -> None:
+    """A SYN the datapath saw reopen a tuple says reopened; a bare ACK it called new says new;
+    a record without a trace reason says unknown (cilium monitor's connState names)."""
+    for reason, flags, state in ((TraceReason.REOPENED, SYN, "reopened"),
+                                 (TraceReason.NEW, ACK, "new"),
+                                 (TraceReason.ESTABLISHED, SYN, "established"),
+                                 (TraceReason.RELATED, 0, "related"),
+                                 (TraceReason.TRACE_REASON_UNKNOWN, SYN, "unknown")):
+        w = wire(type=MessageType.TRACE, verdict=Verdict.FORWARDED, drop_reason=0,
+                 direction=TrafficDirection.INGRESS, tcp_flags=flags, trace_reason=reason)
+        assert f" state {state} " in format_line(w), (reason, format_line(w))
+        assert to_json(w)["state"] == state
 
 
 def test_drop_names_reason_endpoint_and_identities() -> None:

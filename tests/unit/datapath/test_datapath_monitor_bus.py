@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 
 from ciliate.bus import BatchPublisher, Bus, subjects
 from ciliate.client import ClientContext
-from ciliate.flows.tables import DropReason, MessageType, TrafficDirection, Verdict
+from ciliate.flows.tables import DropReason, MessageType, TraceReason, TrafficDirection, Verdict
 from ciliate.stack.nats import NatsServer
 from services.datapath.cli import monitor
 from services.datapath.core.events import decode_event, encode_event
@@ -29,7 +29,8 @@ def record(kind: MessageType, verdict: Verdict, reason: int) -> dict[str, Any]:
     raw = encode_event(type=kind, verdict=verdict, drop_reason=reason, src_identity=256,
                        dst_identity=257, src_ip="10.244.0.2", dst_ip="10.244.1.3",
                        src_port=40000, dst_port=80, proto=6, tcp_flags=0x02,
-                       direction=TrafficDirection.INGRESS, endpoint_id=2345)
+                       direction=TrafficDirection.INGRESS, endpoint_id=2345,
+                       trace_reason=0 if kind == MessageType.DROP else TraceReason.NEW)
     return event_to_flow(decode_event(raw), CTX).to_wire()
 
 

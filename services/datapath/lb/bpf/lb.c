@@ -156,7 +156,7 @@ struct flow_event {
     u8 direction;
     u8 proto;
     u8 tcp_flags;
-    u8 is_reply;
+    u8 trace_reason;  // services/datapath/core/events.py; the LB's events leave it 0
     u8 match_type;
 } __attribute__((packed));
 
