@@ -24,7 +24,7 @@ from ciliate.api import READINESS_KEY, field_problem
 from ciliate.api.resources import ResourceHandlers, owned_kinds
 from ciliate.bus import KV, Bucket, KVMirror, RequestFailed, RevisionConflict, codec
 from ciliate.bus.subjects import IDENTITY_ALLOCATE
-from ciliate.labels import CIDR_IDENTITY_BASE, LabelSet
+from ciliate.labels import CIDR_IDENTITY_BASE, CLUSTER_IDENTITY_MIN, LabelSet
 from ciliate.policymap import build_value
 from ciliate.resources.base import Resource, ResourceError
 from ciliate.resources.registry import parse_resource
@@ -162,8 +162,13 @@ class PolicyService:
         self._queued: dict[int, tuple[int, int]] = {}
         self._seq = 0
         self._inflight = 0
+        self._urgent_busy = 0
+        self._no_urgent = asyncio.Event()
+        self._no_urgent.set()
         self._key_locks: dict[str, asyncio.Lock] = {}
         self._compiled_once = False
+        self._arrived: dict[int, float] = {}
+        """perf_counter when a new identity came in, until its own map is written (stats)."""
         self._policies_dirty = True
         self._fingerprint: tuple[tuple[str, str, str, int], ...] | None = None
         self._wake = asyncio.Event()
@@ -206,9 +211,12 @@ class PolicyService:
         ident = int(key)
         parsed = identity_labels(new) if new is not None else None
         if parsed is None:
+            self._arrived.pop(ident, None)
             self.identities.pop(ident, None)
             self._pending_ids[ident] = None
         else:
+            if ident not in self.identities and CLUSTER_IDENTITY_MIN <= ident < CIDR_IDENTITY_BASE:
+                self._arrived[ident] = time.perf_counter()
             self.identities[ident] = parsed[1]
             self._pending_ids[ident] = parsed[1]
         self._wake.set()
@@ -428,6 +436,7 @@ class PolicyService:
         taken in before the rest. Maps changed here are published in the background."""
         assert self.engine is not None
         while self._peer_work:
+            await self._no_urgent.wait()  # new pods' own maps are written first
             if self._pending_ids:
                 self._wake.set()  # back after the newer identities
                 return
@@ -475,6 +484,9 @@ class PolicyService:
             if queued is not None and queued[0] <= priority:
                 continue
             self._seq += 1
+            if priority == URGENT:
+                self._urgent_busy += 1
+                self._no_urgent.clear()
             self._queued[ident] = (priority, self._seq)
             self._queue.put_nowait((priority, self._seq, ident))
 
@@ -487,6 +499,8 @@ class PolicyService:
             del self._queued[ident]
             self._inflight += 1
             try:
+                if priority != URGENT:  # no CPU for others while a new pod waits on its map
+                    await self._no_urgent.wait()
                 await self._publish_one(ident)
             except Exception as exc:  # keep the writer alive; the map is retried
                 self.ctx.log.exception("policy %s not published", ident)
@@ -495,6 +509,10 @@ class PolicyService:
                 self._retry_later()
             finally:
                 self._inflight -= 1
+                if priority == URGENT:
+                    self._urgent_busy -= 1
+                    if not self._urgent_busy:
+                        self._no_urgent.set()
                 self._check_drained()
 
     async def _publish_one(self, ident: int) -> None:
@@ -509,6 +527,9 @@ class PolicyService:
                     return
                 if desired is not KEEP:
                     await self._put(key, desired)
+                arrived = self._arrived.pop(ident, None)
+                if arrived is not None and self._compiled_once:
+                    self.stats["own_map_ms"] = round((time.perf_counter() - arrived) * 1000, 2)
             except (nats.errors.Error, TimeoutError, OSError) as exc:
                 self._unpublished.add(ident)
                 self.ctx.log.warning("policy %s not published (%s); retrying", key, exc)
