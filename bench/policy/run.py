@@ -194,7 +194,6 @@ async def incremental(seed: int, samples: int, state: Path) -> dict[str, Any]:
             await asyncio.sleep(0.002)
         settled.append(time.perf_counter() - t0)
         inside.append(float(now.get("own_map_ms", 0.0)))
-        print({k: v for k, v in now.items() if k.startswith("dbg")}, file=sys.stderr)
         print(f"sample {n}: own {own[-1] * 1000:.1f} ms (in the service {inside[-1]:.1f} ms), "
               f"all deltas {settled[-1] * 1000:.0f} ms", file=sys.stderr)
     service_peak_mb = vm_hwm_mb(service.pid)
