@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from bcc import BPF  # type: ignore[import-not-found,unused-ignore]
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .core.conntrack import ct_expired
@@ -31,6 +30,7 @@ from .maps import (
     policy_key_c,
     policy_val_c,
 )
+from .netlink import ifindex, ipr_in, unpin
 
 BPF_SOURCE = Path(__file__).with_name("bpf") / "datapath.c"
 
@@ -157,8 +157,8 @@ class Datapath:
     def attach(self, ifname: str, netns: str | None = None) -> int:
         """clsact on ``ifname`` with both programs (replacing any older filters of ours);
         returns the interface's index (what the programs' events carry)."""
-        with _ipr(netns) as ipr:
-            idx = _ifindex(ipr, ifname)
+        with ipr_in(netns) as ipr:
+            idx = ifindex(ipr, ifname)
             try:
                 ipr.tc("add", "clsact", idx)
             except NetlinkError as e:
@@ -177,9 +177,9 @@ class Datapath:
         return idx
 
     def detach(self, ifname: str, netns: str | None = None) -> None:
-        with _ipr(netns) as ipr:
+        with ipr_in(netns) as ipr:
             try:
-                idx = _ifindex(ipr, ifname)
+                idx = ifindex(ipr, ifname)
                 ipr.tc("del", "clsact", idx)
             except (NetlinkError, LookupError):
                 pass
@@ -305,35 +305,6 @@ class Datapath:
         """Close and unpin every map (the node is gone)."""
         self.close()
         unpin(self.pins)
-
-
-def unpin(pins: Path) -> None:
-    if pins.exists():
-        for p in pins.iterdir():
-            p.unlink()
-        pins.rmdir()
-
-
-class _ipr:
-    """An IPRoute bound to a network namespace (None = ours)."""
-
-    def __init__(self, netns: str | None) -> None:
-        self.netns = netns
-        self.ipr: Any = None
-
-    def __enter__(self) -> Any:
-        self.ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
-        return self.ipr
-
-    def __exit__(self, *exc: object) -> None:
-        self.ipr.close()
-
-
-def _ifindex(ipr: Any, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise LookupError(f"no link {ifname!r}")
-    return int(found[0])
 
 
 EventCallback = Callable[[dict[str, Any]], None]

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from bcc import BPF, BPFAttachType  # type: ignore[import-not-found,unused-ignore]
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..core.events import EVENT_SIZE, EventDecoder
 from ..loader import COMPILE_LOCK
 from ..maps import PIN_ROOT
+from ..netlink import ifindex, ipr_in, unpin
 from .core.model import LbIndex, LbMap, LbOp, LbState, plan
 from .maps import (
     U32C,
@@ -153,8 +153,8 @@ class LbDatapath:
 
     def attach_nodeport(self, ifname: str, netns: str | None = None) -> None:
         """tc LB on the node's bridge-facing interface: ingress DNAT/SNAT, egress reverse NAT."""
-        with _ipr(netns) as ipr:
-            idx = _ifindex(ipr, ifname)
+        with ipr_in(netns) as ipr:
+            idx = ifindex(ipr, ifname)
             try:
                 ipr.tc("add", "clsact", idx)
             except NetlinkError as e:
@@ -168,9 +168,9 @@ class LbDatapath:
             self._nodeports.append((ifname, netns))
 
     def detach_nodeport(self, ifname: str, netns: str | None = None) -> None:
-        with _ipr(netns) as ipr:
+        with ipr_in(netns) as ipr:
             try:
-                idx = _ifindex(ipr, ifname)
+                idx = ifindex(ipr, ifname)
                 for parent in (TC_INGRESS, TC_EGRESS):
                     ipr.tc("del-filter", "bpf", idx, FILTER_HANDLE, parent=parent,
                            prio=FILTER_PRIO, protocol=0x0003)
@@ -289,35 +289,8 @@ class LbDatapath:
         unpin(self.pins)
 
 
-def unpin(pins: Path) -> None:
-    if pins.exists():
-        for p in pins.iterdir():
-            p.unlink()
-        pins.rmdir()
-
-
 def _addr_key(addr: str) -> U32C:
     return U32C(int.from_bytes(ip_c(addr), "little"))
-
-
-class _ipr:
-    def __init__(self, netns: str | None) -> None:
-        self.netns = netns
-        self.ipr: Any = None
-
-    def __enter__(self) -> Any:
-        self.ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
-        return self.ipr
-
-    def __exit__(self, *exc: object) -> None:
-        self.ipr.close()
-
-
-def _ifindex(ipr: Any, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise LookupError(f"no link {ifname!r}")
-    return int(found[0])
 
 
 __all__ = ["LbDatapath", "LbSizes", "unpin"]

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from bcc import BPF
-from pyroute2 import IPRoute, NetlinkError
+from pyroute2 import NetlinkError
 
 from services.datapath.loader import COMPILE_LOCK, MapSizes
 from services.datapath.maps import PIN_ROOT, pin_dir
+from services.datapath.netlink import ifindex, ipr_in
 
 SOURCE = Path(__file__).with_name("bpf") / "redirect.c"
 TC_INGRESS = "ffff:fff2"
@@ -79,8 +80,8 @@ class ProxyDatapath:
 
     def attach(self, ifname: str, netns: str | None = None) -> None:
         """Add the redirect on ``ifname``'s tc ingress (after the datapath attached its own)."""
-        with _ipr(netns) as ipr:
-            idx = _ifindex(ipr, ifname)
+        with ipr_in(netns) as ipr:
+            idx = ifindex(ipr, ifname)
             try:
                 ipr.tc("add", "clsact", idx)
             except NetlinkError as e:
@@ -91,7 +92,7 @@ class ProxyDatapath:
                    direct_action=True)
 
     def detach(self, ifname: str, netns: str | None = None) -> None:
-        with _ipr(netns) as ipr:
+        with ipr_in(netns) as ipr:
             found = ipr.link_lookup(ifname=ifname)
             if not found:
                 return
@@ -111,26 +112,6 @@ class ProxyDatapath:
         self.bpf.cleanup()
 
 
-class _ipr:
-    def __init__(self, netns: str | None) -> None:
-        self.netns = netns
-        self.ipr: Any = None
-
-    def __enter__(self) -> Any:
-        self.ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
-        return self.ipr
-
-    def __exit__(self, *exc: object) -> None:
-        self.ipr.close()
-
-
 def _ip(netns: str | None, *args: str) -> str:
     cmd = ["ip", *(["-n", netns] if netns else []), *args]
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
-def _ifindex(ipr: Any, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise LookupError(f"no link {ifname!r}")
-    return int(found[0])
