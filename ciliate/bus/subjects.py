@@ -82,7 +82,9 @@ ACCESS: dict[str, Access] = {
         kv_read=_ALL_READ | {Bucket.ENDPOINTS, Bucket.LB},
     ),
     "datapath": Access(
-        publish=frozenset({FLOWS_ALL}),
+        # The agent registers its node, and its DNS proxy turns answers into CIDR identities.
+        publish=frozenset({FLOWS_ALL, IDENTITY_ALLOCATE, IDENTITY_RELEASE}),
+        kv_write=frozenset({Bucket.NODES}),
         kv_read=_ALL_READ
         | {Bucket.ENDPOINTS, Bucket.IDENTITIES, Bucket.IPCACHE, Bucket.POLICY, Bucket.LB},
     ),

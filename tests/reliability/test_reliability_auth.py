@@ -124,12 +124,20 @@ async def test_datapath_user_cannot_touch_policy_subjects_or_bucket(stack: Stack
         with pytest.raises((NatsTimeout, NoRespondersError)):
             await nc.request(kv_subject(Bucket.POLICY, "1"), b"\x80", timeout=1)
         assert await _violations(errors, kv_subject(Bucket.POLICY, "1")), errors
-        # Policy's own subjects (it requests identities) and identity's bucket: refused.
-        for subject in (IDENTITY_ALLOCATE, IDENTITY_LOOKUP, kv_subject(Bucket.IDENTITIES, "9")):
+        # Lookups and identity's bucket are refused; allocation (for the DNS proxy's CIDR
+        # identities) and registering its node are allowed.
+        for subject in (IDENTITY_LOOKUP, kv_subject(Bucket.IDENTITIES, "9")):
             await nc.publish(subject, b"\x80")
             await nc.flush()
             assert await _violations(errors, subject), (subject, errors)
-        assert not any(flows("node-1") in e.lower() for e in errors), errors
+        for subject in (IDENTITY_ALLOCATE, kv_subject(Bucket.NODES, "node-1")):
+            await nc.publish(subject, b"\x80")
+        await nc.flush()
+        assert not any(
+            s.lower() in e.lower()
+            for e in errors
+            for s in (flows("node-1"), IDENTITY_ALLOCATE, kv_subject(Bucket.NODES, "node-1"))
+        ), errors
     finally:
         await nc.close()
 
