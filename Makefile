@@ -39,7 +39,8 @@ conformance: setup
 	$(BIN)/pytest tests/conformance $(PYTEST_ARGS)
 
 bench: setup
-	@for b in bench/*/run.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/*/run.py; do n=$$(basename $$(dirname $$b)); echo "== bench.$$n"; \
+		$(BIN)/python -m bench.$$n.run || exit 1; done
 
 clean:
 	rm -rf .mypy_cache .ruff_cache .pytest_cache
