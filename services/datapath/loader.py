@@ -32,7 +32,9 @@ from .maps import (
 )
 from .netlink import ifindex, ipr_in, unpin
 
-BPF_SOURCE = Path(__file__).with_name("bpf") / "datapath.c"
+BPF_DIR = Path(__file__).with_name("bpf")
+"""The agent's BPF C; its headers (maps.h) are shared with the L7 redirect program."""
+BPF_SOURCE = BPF_DIR / "datapath.c"
 
 TC_INGRESS = "ffff:fff2"
 TC_EGRESS = "ffff:fff3"
@@ -142,7 +144,8 @@ class Datapath:
         self.pins = pin_dir(node, pin_root)
         self.pins.mkdir(parents=True, exist_ok=True)
         with COMPILE_LOCK:  # clang/LLVM inside bcc is not thread-safe
-            self.bpf = BPF(text=render_source(self.pins, self.sizes, monitor).encode())
+            self.bpf = BPF(text=render_source(self.pins, self.sizes, monitor).encode(),
+                           cflags=[f"-I{BPF_DIR}"])
         self.fn_from = self.bpf.load_func(b"from_container", BPF.SCHED_CLS)
         self.fn_to = self.bpf.load_func(b"to_container", BPF.SCHED_CLS)
         self.maps = NodeMaps.open(self.pins)

@@ -18,7 +18,7 @@ from typing import Any
 from bcc import BPF
 from pyroute2 import NetlinkError
 
-from services.datapath.loader import COMPILE_LOCK, MapSizes
+from services.datapath.loader import BPF_DIR, COMPILE_LOCK, MapSizes
 from services.datapath.maps import PIN_ROOT, pin_dir
 from services.datapath.netlink import ifindex, ipr_in
 
@@ -58,7 +58,8 @@ class ProxyDatapath:
         if not (self.pins / "cil_policy").exists():
             raise FileNotFoundError(f"datapath maps of node {node!r} are not pinned at {self.pins}")
         with COMPILE_LOCK:
-            self.bpf = BPF(text=render_source(self.pins, sizes or MapSizes()).encode())
+            self.bpf = BPF(text=render_source(self.pins, sizes or MapSizes()).encode(),
+                           cflags=[f"-I{BPF_DIR}"])
         self.fn = self.bpf.load_func(b"to_proxy", BPF.SCHED_CLS)
 
     def setup_routing(self, netns: str | None = None) -> None:

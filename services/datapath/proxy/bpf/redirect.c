@@ -42,45 +42,7 @@
 #define ST_ASSIGN_FAILED 3
 #define ST_SLOTS 4
 
-// --- mirrored from services/datapath/bpf/datapath.c (keep identical) ------------------------
-struct ipcache_key {
-    u32 prefixlen;
-    u32 ip;  // network order
-};
-
-struct ipcache_val {
-    u32 identity;
-    u32 flags;
-};
-
-struct endpoint_key {
-    u32 ip;  // network order
-};
-
-struct endpoint_val {
-    u32 endpoint_id;
-    u32 identity;
-    u32 flags;
-};
-
-struct policy_key {
-    u32 prefixlen;
-    u32 local_identity;
-    u32 peer;
-    u8 direction;
-    u8 proto;
-    u16 dport;  // network order, so a prefix over its bits is a port block
-};
-
-struct policy_val {
-    u8 deny;
-    u8 match_type;
-    u16 proxy_port;
-    u32 pad;
-    u64 packets;
-    u64 bytes;
-};
-// --- end of mirrored part -----------------------------------------------------------------
+#include "maps.h"  // the agent's map layouts, shared with datapath.c
 
 BPF_TABLE_PINNED7("lpm_trie", struct ipcache_key, struct ipcache_val, cil_ipcache,
                   __IPCACHE_SIZE__, "__PIN_DIR__/cil_ipcache", BPF_F_NO_PREALLOC);
