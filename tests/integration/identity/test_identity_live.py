@@ -19,6 +19,7 @@ from identity_live_support import LiveIdentity, StartIdentity
 from ciliate.bus import Bucket, Bus, KVMirror, RequestFailed
 from ciliate.bus.subjects import IDENTITY_ALLOCATE, IDENTITY_LOOKUP, IDENTITY_RELEASE
 from ciliate.resources.loader import load_documents
+from ciliate.testing import wait_until
 
 WORLD_PODS = [f"{ns}.{pod}" for ns in "xyz" for pod in "abc"]
 RESERVED_WORLD = 2
@@ -247,7 +248,8 @@ async def test_deleting_a_namespace_deletes_its_pods_and_releases_identities(
     # After the grace period the unreferenced identities are collected, from SQL and KV.
     async def collected() -> bool:
         identities = await snapshot(bus, Bucket.IDENTITIES)
-        return not any(str(i) in identities for i in x_ids)
+        listed = {i["id"] for i in await live.get("/v1/identities")}
+        return not any(str(i) in identities for i in x_ids) and listed.isdisjoint(x_ids)
 
     await eventually(collected)
     listed = {i["id"] for i in await live.get("/v1/identities")}
@@ -322,7 +324,12 @@ async def test_allocate_release_and_lookup_in_batches_over_nats(
     assert again["ids"] == [*first[:10], first[0]]
     reserved = await bus.request(IDENTITY_ALLOCATE, {"labels": [["reserved:world"]]})
     assert reserved["ids"] == [RESERVED_WORLD]
-    identities = await snapshot(bus, Bucket.IDENTITIES)
+    # The reply comes from the committed allocation; KV publishing follows it.
+    async def published() -> dict[str, Any] | None:
+        identities = await snapshot(bus, Bucket.IDENTITIES)
+        return identities if str(first[5]) in identities else None
+
+    identities = await wait_until(published, 10, "the allocated identity in KV identities")
     assert identities[str(first[5])]["labels"] == sorted(sets[5])
 
     looked = await bus.request(IDENTITY_LOOKUP, {"labels": [sets[3], ["k8s:app=nobody"]]})
