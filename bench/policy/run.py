@@ -48,13 +48,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def vm_hwm_mb(pid: int) -> float:
-    """Peak resident memory of another process (Linux)."""
+def _proc_status_mb(pid: int, field: str) -> float:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return round(int(line.split()[1]) / 1024, 1)
     return 0.0
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident memory of another process (Linux)."""
+    return _proc_status_mb(pid, "VmHWM")
+
+
+def vm_rss_mb(pid: int) -> float:
+    """Current resident memory of another process (Linux)."""
+    return _proc_status_mb(pid, "VmRSS")
 
 
 def full_compile(seed: int) -> dict[str, Any]:
@@ -168,6 +177,7 @@ async def incremental(seed: int, samples: int, state: Path) -> dict[str, Any]:
     own: list[float] = []
     settled: list[float] = []
     inside: list[float] = []  # the service's own measure: identity event -> put acknowledged
+    rss_by_sample: dict[int, float] = {}  # VmHWM after that many new identities
     for n in range(samples):
         ident = 100_000 + n
         ns = f"bench-new-{n}"
@@ -194,16 +204,22 @@ async def incremental(seed: int, samples: int, state: Path) -> dict[str, Any]:
             await asyncio.sleep(0.002)
         settled.append(time.perf_counter() - t0)
         inside.append(float(now.get("own_map_ms", 0.0)))
+        if n + 1 in (1, 10, 25, 50, 100, 200, 400, samples):
+            rss_by_sample[n + 1] = vm_hwm_mb(service.pid)
         print(f"sample {n}: own {own[-1] * 1000:.1f} ms (in the service {inside[-1]:.1f} ms), "
               f"all deltas {settled[-1] * 1000:.0f} ms", file=sys.stderr)
     service_peak_mb = vm_hwm_mb(service.pid)
     final = await status()
     await session.close()  # no keep-alive connection for the service's shutdown to wait on
+    service_rss_mb = vm_rss_mb(service.pid)
+    stopping = time.perf_counter()
     service.terminate()
     try:
         await asyncio.wait_for(service.wait(), 15)
+        stop_s: float | None = round(time.perf_counter() - stopping, 2)
     except TimeoutError:
         print("the service did not stop within 15 s of SIGTERM; killed", file=sys.stderr)
+        stop_s = None
         service.kill()
         await service.wait()
     watcher.cancel()
@@ -222,6 +238,9 @@ async def incremental(seed: int, samples: int, state: Path) -> dict[str, Any]:
         "value_bytes_max": value_sizes[-1],
         "puts_total": final.get("puts"),
         "service_peak_rss_mb": service_peak_mb,
+        "service_rss_mb_at_end": service_rss_mb,
+        "service_peak_rss_mb_by_sample": rss_by_sample,
+        "service_stop_after_sigterm_s": stop_s,
         "own_entries_p50_ms": pct(own_ms, 0.5),
         "own_entries_p99_ms": pct(own_ms, 0.99),
         "own_entries_in_service_p50_ms": pct(sorted(inside), 0.5),

@@ -46,7 +46,7 @@ from services.policy.core.compile import (
     cidr_prefixes,
 )
 from services.policy.core.diff import Actor, Probe, reachability_diff
-from services.policy.core.kv import check_capacity, encode_policy, kv_key
+from services.policy.core.kv import check_capacity, encode_policy, kv_key, splice_policy
 from services.policy.core.spec import PROTOCOL_NUMBERS, PolicySet, normalize
 from services.policy.core.world import PolicyResource
 
@@ -160,6 +160,12 @@ class PolicyService:
         self._peer_work: dict[int, PeerWork] = {}
         self._queue: asyncio.PriorityQueue[tuple[int, int, int]] = asyncio.PriorityQueue()
         self._queued: dict[int, tuple[int, int]] = {}
+        self._encoded: dict[int, dict[str, Any]] = {}
+        """The last value built for each identity (without revision): the base a new peer's
+        records are spliced into (see ``_desired``)."""
+        self._splice: dict[int, set[int] | None] = {}
+        """Identity -> the peers whose records changed since ``_encoded`` was built; None (or
+        no entry) = something else changed, encode the whole map."""
         self._seq = 0
         self._inflight = 0
         self._urgent_busy = 0
@@ -243,28 +249,35 @@ class PolicyService:
                 self._wake.set()
 
     async def _watch_published(self, synced: asyncio.Event) -> None:
-        """Track KV ``policy`` (values and KV revisions), so puts are deltas and replicas agree."""
+        """Read what KV ``policy`` holds at start (digest, revision and KV revision per key),
+        so only changed maps are written. Then stop watching: the acknowledgements of our own
+        puts keep the KV revisions current, and a key another replica wrote meanwhile is
+        re-read when a put's expected revision loses (see ``_put``). A watch kept open would
+        receive every value this service writes (~400 maps of ~22 KB per new pod) only to
+        digest them again, and under sustained churn its backlog held them all (the RSS growth
+        measured in docs/BENCHMARKS.md)."""
         assert self._policy_kv is not None
-        seen: set[str] | None = None
-        async for ev in self._policy_kv.watch():
-            if ev.resync:
-                seen = set()
-                continue
-            if ev.initial_done:
-                if seen is not None:
-                    for key in set(self.published) - seen:
-                        self.published.pop(key, None)
-                seen = None
-                synced.set()
-                continue
-            if ev.deleted:
-                self.published.pop(ev.key, None)
-                continue
-            if seen is not None:
+        seen: set[str] = set()
+        watch = self._policy_kv.watch()
+        try:
+            async for ev in watch:
+                if ev.resync:
+                    seen = set()
+                    continue
+                if ev.initial_done:
+                    break
+                if ev.deleted:
+                    self.published.pop(ev.key, None)
+                    continue
                 seen.add(ev.key)
-            current = self.published.get(ev.key)
-            if current is None or ev.revision >= current.kv_revision:
-                self.published[ev.key] = Published.of(ev.value, ev.revision)
+                current = self.published.get(ev.key)
+                if current is None or ev.revision > current.kv_revision:
+                    self.published[ev.key] = Published.of(ev.value, ev.revision)
+        finally:
+            await watch.aclose()  # type: ignore[attr-defined]
+        for key in set(self.published) - seen:
+            self.published.pop(key, None)
+        synced.set()
 
     async def _poll_db(self) -> None:
         """Another replica may store a policy: notice it by the stored resource versions."""
@@ -446,7 +459,7 @@ class PolicyService:
                 self._peer_work[ident] = replace(work, locals=work.locals[PROPAGATE_CHUNK:])
             else:
                 del self._peer_work[ident]
-            self._mark(self.engine.propagate_identity(part), BACKGROUND)
+            self._mark(self.engine.propagate_identity(part), BACKGROUND, peer=ident)
             await asyncio.sleep(0)
 
     # -- publishing ------------------------------------------------------------------------
@@ -461,10 +474,14 @@ class PolicyService:
         assert self.engine is not None
         pol = self.engine.compiled.get(ident)
         if pol is None:
+            self._encoded.pop(ident, None)
+            self._splice.pop(ident, None)
             return None
         overflow = check_capacity(pol, self.capacity)
         key = kv_key(ident)
         if overflow is not None:
+            self._encoded.pop(ident, None)
+            self._splice.pop(ident, None)
             if ident not in self.overflows:
                 self.ctx.log.error("policy map overflow: %s", overflow)
             self.overflows[ident] = str(overflow)
@@ -474,12 +491,29 @@ class PolicyService:
             marker["overflow"] = {"entries": overflow.entries, "capacity": overflow.capacity}
             return marker
         self.overflows.pop(ident, None)
-        return encode_policy(pol, None)
+        peers = self._splice.pop(ident, None)
+        base = self._encoded.get(ident)
+        if peers and base is not None:
+            value = splice_policy(pol, base, peers)
+        else:
+            value = encode_policy(pol, None)
+        self._encoded[ident] = value
+        return value
 
-    def _mark(self, idents: Iterable[int], priority: int) -> None:
+    def _mark(self, idents: Iterable[int], priority: int, peer: int | None = None) -> None:
         """Queue maps for publishing. A map queued again before a worker took it is written
-        once (with the state of the moment it is written); a more urgent mark moves it up."""
+        once (with the state of the moment it is written); a more urgent mark moves it up.
+        ``peer``: only that peer's entries changed (its records are spliced into the last
+        value instead of encoding the whole map)."""
         for ident in sorted(set(idents)):
+            if peer is None:
+                self._splice[ident] = None
+            elif ident not in self._splice:
+                self._splice[ident] = {peer} if ident in self._encoded else None
+            else:
+                peers = self._splice[ident]
+                if peers is not None:
+                    peers.add(peer)
             queued = self._queued.get(ident)
             if queued is not None and queued[0] <= priority:
                 continue

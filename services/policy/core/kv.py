@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ciliate.policymap import DIRECTION_CODES, CookieRow, Flag, Key, build_value, iter_entries
+from ciliate.policymap import (
+    DIRECTION_CODES,
+    CookieRow,
+    Flag,
+    Key,
+    build_value,
+    iter_entries,
+    splice_peer,
+)
 from services.policy.core.compile import (
     DEFAULT_MAP_CAPACITY,
     EntryKey,
@@ -31,16 +40,17 @@ def encode_l7(value: EntryValue, rules: list[tuple[str, tuple[object, ...]]]) ->
     return {"http": http, "wildcard": bool(value.cookies - l7_cookies)}
 
 
-def encode_policy(policy: IdentityPolicy, revision: int | None) -> dict[str, Any]:
-    """The KV ``policy`` value of ``policy`` in the packed layout of :mod:`ciliate.policymap`
-    (``revision`` None leaves the field out, for digests and the publisher)."""
+def _rows(
+    policy: IdentityPolicy, items: Iterable[tuple[EntryKey, EntryValue]]
+) -> tuple[list[CookieRow], dict[Key, dict[str, Any]]]:
+    """``items`` of ``policy`` as packed rows, and the L7 rules of their redirect keys."""
     codes = {d: DIRECTION_CODES[d.value] for d in Direction}
     cookie_tuples: dict[int, tuple[str, ...]] = {}  # values are shared between keys
     rows: list[CookieRow] = []
     append = rows.append
     l7: dict[Key, dict[str, Any]] = {}
     deny = Flag.DENY.value
-    for k, v in policy.entries.items():
+    for k, v in items:
         cookies = cookie_tuples.get(id(v))
         if cookies is None:
             cookies = cookie_tuples[id(v)] = tuple(sorted(v.cookies))
@@ -50,8 +60,42 @@ def encode_policy(policy: IdentityPolicy, revision: int | None) -> dict[str, Any
         if v.proxy_port and not v.deny:
             l7[(k.peer, direction, k.proto, k.port, k.prefixlen)] = encode_l7(
                 v, policy.l7.get(k) or [])
-    enforce = {d.value: policy.enforce.get(d, False) for d in Direction}
-    return build_value(policy.identity, enforce, rows, l7, revision)
+    return rows, l7
+
+
+def _enforce(policy: IdentityPolicy) -> dict[str, bool]:
+    return {d.value: policy.enforce.get(d, False) for d in Direction}
+
+
+def encode_policy(policy: IdentityPolicy, revision: int | None) -> dict[str, Any]:
+    """The KV ``policy`` value of ``policy`` in the packed layout of :mod:`ciliate.policymap`
+    (``revision`` None leaves the field out, for digests and the publisher)."""
+    rows, l7 = _rows(policy, policy.entries.items())
+    return build_value(policy.identity, _enforce(policy), rows, l7, revision)
+
+
+def splice_policy(
+    policy: IdentityPolicy, previous: Mapping[str, Any], peers: Iterable[int]
+) -> dict[str, Any]:
+    """The value :func:`encode_policy` gives for ``policy`` (without revision), made from
+    ``previous`` (its value before the entries of ``peers`` changed) by replacing only those
+    peers' records. Falls back to a whole encode when more than the peers' entries may differ
+    (enforcement, identity, a value that is not packed or carries a revision)."""
+    peers = set(peers)
+    if (previous.get("identity") != policy.identity or "revision" in previous
+            or previous.get("enforce") != _enforce(policy)
+            or not isinstance(previous.get("entries"), bytes) or "overflow" in previous
+            or not peers):
+        return encode_policy(policy, None)
+    value: dict[str, Any] = dict(previous)
+    by_peer: dict[int, list[tuple[EntryKey, EntryValue]]] = {p: [] for p in peers}
+    for k, v in policy.entries.items():
+        if k.peer in by_peer:
+            by_peer[k.peer].append((k, v))
+    for peer in sorted(peers):
+        rows, l7 = _rows(policy, by_peer[peer])
+        value = splice_peer(value, peer, rows, l7)
+    return value
 
 
 def decode_policy(data: dict[str, Any]) -> IdentityPolicy:
