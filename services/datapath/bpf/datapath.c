@@ -113,26 +113,7 @@ struct ct_val {
     u32 pad;
 };
 
-struct flow_event {
-    u64 ts_ns;
-    u32 src_identity;
-    u32 dst_identity;
-    u32 saddr;
-    u32 daddr;
-    u16 sport;  // host order
-    u16 dport;
-    u32 ifindex;
-    u32 len;
-    u32 endpoint_id;
-    u8 type;
-    u8 verdict;
-    u8 drop_reason;
-    u8 direction;
-    u8 proto;
-    u8 tcp_flags;
-    u8 trace_reason;  // TR_*; 0 for drops
-    u8 match_type;
-};
+// struct flow_event (the event record): maps.h, shared with lb/bpf/lb.c.
 
 BPF_TABLE_PINNED7("lpm_trie", struct ipcache_key, struct ipcache_val, cil_ipcache,
                   __IPCACHE_SIZE__, "__PIN_DIR__/cil_ipcache", BPF_F_NO_PREALLOC);

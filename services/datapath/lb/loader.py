@@ -39,6 +39,7 @@ from .maps import (
 )
 
 BPF_SOURCE = Path(__file__).with_name("bpf") / "lb.c"
+SHARED_BPF_DIR = Path(__file__).parents[1] / "bpf"  # maps.h: struct flow_event
 TC_INGRESS = "ffff:fff2"
 TC_EGRESS = "ffff:fff3"
 FILTER_PRIO = 2  # after the policy datapath's prio 1 filters when both share an interface
@@ -69,8 +70,12 @@ class LbSizes:
     events_pages: int = 16
 
 
+LB_MODES = ("snat", "dsr")
+"""Cilium's ``bpf-lb-mode``: how NodePort/LB traffic reaches a backend on another node."""
+
+
 def render_source(pins: Path, sizes: LbSizes, maglev_m: int, node_ip: str,
-                  nodeport_range: tuple[int, int]) -> str:
+                  nodeport_range: tuple[int, int], mode: str = "snat") -> str:
     text = BPF_SOURCE.read_text()
     ip_be = int.from_bytes(ipaddress.IPv4Address(node_ip).packed, "little")
     for name, value in {
@@ -79,6 +84,7 @@ def render_source(pins: Path, sizes: LbSizes, maglev_m: int, node_ip: str,
         "__NODE_IP__": f"{ip_be}u",
         "__NODEPORT_MIN__": str(nodeport_range[0]),
         "__NODEPORT_MAX__": str(nodeport_range[1]),
+        "__DSR__": "1" if mode == "dsr" else "0",
         "__SERVICES_SIZE__": str(sizes.services),
         "__BACKENDS_SIZE__": str(sizes.backends),
         "__REVNAT_SIZE__": str(sizes.revnat),
@@ -101,16 +107,20 @@ class LbDatapath:
 
     def __init__(self, node: str, pin_root: Path = PIN_ROOT, *, node_ip: str = "0.0.0.0",
                  maglev_m: int = 16381, sizes: LbSizes | None = None,
-                 nodeport_range: tuple[int, int] = (30000, 32767)) -> None:
+                 nodeport_range: tuple[int, int] = (30000, 32767),
+                 mode: str = "snat") -> None:
+        if mode not in LB_MODES:
+            raise ValueError(f"LB mode {mode!r}: one of {', '.join(LB_MODES)}")
         self.node = node
+        self.mode = mode
         self.node_ip = node_ip
         self.maglev_m = maglev_m
         self.sizes = sizes or LbSizes()
         self.pins = lb_pin_dir(node, pin_root)
         self.pins.mkdir(parents=True, exist_ok=True)
-        src = render_source(self.pins, self.sizes, maglev_m, node_ip, nodeport_range)
+        src = render_source(self.pins, self.sizes, maglev_m, node_ip, nodeport_range, mode)
         with COMPILE_LOCK:  # clang inside bcc is not thread-safe (shared with the agent's)
-            self.bpf = BPF(text=src.encode())
+            self.bpf = BPF(text=src.encode(), cflags=[f"-I{SHARED_BPF_DIR}"])
         self.sock_fns = {name: self.bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR,
                                                   attach_type=at)
                          for name, at in SOCK_PROGRAMS}
@@ -293,4 +303,4 @@ def _addr_key(addr: str) -> U32C:
     return U32C(int.from_bytes(ip_c(addr), "little"))
 
 
-__all__ = ["LbDatapath", "LbSizes", "unpin"]
+__all__ = ["LB_MODES", "LbDatapath", "LbSizes", "unpin"]

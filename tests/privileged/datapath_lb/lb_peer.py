@@ -1,6 +1,9 @@
 """Test peer run inside pod/node namespaces (as a script): ``serve NAME TCPPORT UDPPORT`` answers
 TCP connections and UDP datagrams with NAME; ``tcp IP PORT N`` / ``udp IP PORT N`` connect N
-times and print a JSON object {answer: count, "errors": {errno name: count}, "peers": [...]}."""
+times and print a JSON object {answer: count, "errors": {errno name: count}, "peers": [...]};
+``sniff IFACE CLIENT_IP BACKEND_IP`` counts IPv4 frames arriving on IFACE until a line on
+stdin, then prints {"from_client": n, "replies": n} (replies: from the backend or to the
+client)."""
 
 from __future__ import annotations
 
@@ -83,8 +86,34 @@ def hold(ip: str, port: int, n: int) -> None:
     print(json.dumps(alive), flush=True)
 
 
+def sniff(iface: str, client_ip: str, backend_ip: str) -> None:
+    import select
+
+    eth_p_all, packet_outgoing = 0x0003, 4
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(eth_p_all))
+    s.bind((iface, 0))
+    client, backend = socket.inet_aton(client_ip), socket.inet_aton(backend_ip)
+    counts = {"from_client": 0, "replies": 0}
+    print("ready", flush=True)
+    while True:
+        ready, _, _ = select.select([s, sys.stdin], [], [])
+        if sys.stdin in ready:
+            break
+        frame, addr = s.recvfrom(65535)
+        if addr[2] == packet_outgoing or frame[12:14] != b"\x08\x00":
+            continue
+        src, dst = frame[26:30], frame[30:34]
+        if src == client:
+            counts["from_client"] += 1
+        elif src == backend or dst == client:
+            counts["replies"] += 1
+    print(json.dumps(counts), flush=True)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "hold":
+    if sys.argv[1] == "sniff":
+        sniff(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "hold":
         hold(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

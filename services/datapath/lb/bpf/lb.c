@@ -9,9 +9,13 @@
 //   nodeport_ingress   NodePort/LB/external traffic from other nodes: DNAT (+SNAT when the
 //                      backend is remote) with conntrack; replies to SNATed flows: reverse NAT
 //   nodeport_egress    replies of local backends leaving the node: reverse NAT
+// DSR mode (DSR_MODE): a remote backend gets the client's packet unSNATed with the service
+// address in an IPv4 option; the backend's node strips it on ingress, remembers the reverse
+// translation, and its egress program sends the reply straight to the client.
 //
-// Placeholders (__NAME__) are filled by loader.py. Struct layouts match maps.py (ctypes) and
-// the event record matches services/datapath/core/events.py (EVENT).
+// Placeholders (__NAME__) are filled by loader.py. Struct layouts match maps.py (ctypes); the
+// event record (struct flow_event, services/datapath/bpf/maps.h) matches
+// services/datapath/core/events.py (EVENT).
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -19,11 +23,14 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/pkt_cls.h>
 
+#include "maps.h"  // struct flow_event, shared with datapath.c (-I services/datapath/bpf)
+
 #define PIN(name) "__PIN_DIR__/" name
 #define MAGLEV_M __MAGLEV_M__
 #define NODE_IP __NODE_IP__  // network order
 #define NODEPORT_MIN __NODEPORT_MIN__
 #define NODEPORT_MAX __NODEPORT_MAX__
+#define DSR_MODE __DSR__  // 1: NodePort to a remote backend without SNAT (bpf-lb-mode=dsr)
 
 #define SVC_NODEPORT 0x01
 #define SVC_EXTERNAL_IP 0x02
@@ -41,6 +48,12 @@
 #define CT_FWD 0
 #define CT_REV 1
 #define CT_SNAT 0x01
+#define CT_DSR 0x02  // REV entry made on the backend's node from a DSR option
+
+// Cilium's DSR_IPV4_OPT_TYPE: IPOPT_COPY | 26 (copied to fragments, unassigned number), 8
+// bytes: type, length, service port, service address (both network order).
+#define DSR_OPT_TYPE 0x9a
+#define DSR_OPT_LEN 8
 
 #define MSG_DROP 1
 #define MSG_TRACE_SOCK 7
@@ -50,6 +63,13 @@
 #define DROP_NO_SERVICE_BACKEND 158
 
 #define ECONNREFUSED 111
+
+struct dsr_opt {
+    u8 type;
+    u8 len;
+    u16 port;
+    u32 addr;
+};
 
 struct lb4_key {
     u32 address;      // network order
@@ -137,28 +157,6 @@ struct lb_ct_val {
     u8 pad[3];
     u64 last_seen_ns;
 };
-
-// Same layout as services/datapath/core/events.py EVENT.
-struct flow_event {
-    u64 ts_ns;
-    u32 src_identity;
-    u32 dst_identity;
-    u32 saddr;
-    u32 daddr;
-    u16 sport;
-    u16 dport;
-    u32 ifindex;
-    u32 len;
-    u32 endpoint_id;
-    u8 type;
-    u8 verdict;
-    u8 drop_reason;
-    u8 direction;
-    u8 proto;
-    u8 tcp_flags;
-    u8 trace_reason;  // services/datapath/core/events.py; the LB's events leave it 0
-    u8 match_type;
-} __attribute__((packed));
 
 BPF_TABLE_PINNED("hash", struct lb4_key, struct lb4_service, lb4_services,
                  __SERVICES_SIZE__, PIN("lb4_services"));
@@ -501,8 +499,85 @@ static __always_inline int rev_nat(struct __sk_buff *skb, struct pkt *p)
     return 1;
 }
 
+// --- DSR (bpf-lb-mode=dsr) ---------------------------------------------------------------
+
+// Entry node: after the DNAT to a remote backend, put the service address and port in an IPv4
+// option (Cilium's dsr_set_opt4). The option goes into the room bpf_skb_adjust_room(NET)
+// opens right after the 20-byte base header; the IP checksum is patched by difference.
+static __always_inline int dsr_insert(struct __sk_buff *skb, u32 svc_addr, u16 svc_port)
+{
+    u32 old0 = 0;
+    if (bpf_skb_load_bytes(skb, ETH_HLEN, &old0, 4) < 0)
+        return -1;
+    u32 new0 = old0;
+    u8 *b = (u8 *)&new0;
+    u16 tot = (((u16)b[2] << 8) | b[3]) + DSR_OPT_LEN;
+    b[0] = 0x45 + (DSR_OPT_LEN >> 2);  // version 4, ihl 7
+    b[2] = tot >> 8;
+    b[3] = tot & 0xff;
+    struct dsr_opt opt = {.type = DSR_OPT_TYPE, .len = DSR_OPT_LEN, .port = svc_port,
+                          .addr = svc_addr};
+    s64 sum = bpf_csum_diff(&old0, 4, &new0, 4, 0);
+    sum = bpf_csum_diff(0, 0, (u32 *)&opt, sizeof(opt), sum);
+    if (bpf_skb_adjust_room(skb, DSR_OPT_LEN, BPF_ADJ_ROOM_NET, 0) < 0)
+        return -1;
+    if (bpf_skb_store_bytes(skb, ETH_HLEN, &new0, 4, 0) < 0 ||
+        bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct iphdr), &opt, sizeof(opt), 0) < 0)
+        return -1;
+    return bpf_l3_csum_replace(skb, IP_CSUM_OFF, 0, sum, 0);
+}
+
+// Backend node: a packet carrying our DSR option (ihl 7, the option first) records the
+// reverse translation {backend, client} -> service address/port in lb4_ct (the egress
+// program rewrites the reply's source with it, so the reply goes straight to the client),
+// then the option is removed so the pod sees a plain header (Cilium's dsr_extract_opt4 +
+// the SNAT entry it creates).
+static __always_inline void dsr_extract(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > end || ip->ihl != 5 + (DSR_OPT_LEN >> 2))
+        return;
+    if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+        return;
+    if (ip->frag_off & bpf_htons(0x3fff))
+        return;
+    struct dsr_opt *o = (void *)(ip + 1);
+    u16 *ports = (void *)(o + 1);
+    if ((void *)(ports + 2) > end)
+        return;
+    if (o->type != DSR_OPT_TYPE || o->len != DSR_OPT_LEN)
+        return;
+    struct dsr_opt opt = *o;
+    struct lb_ct_key rk = {.saddr = ip->daddr, .daddr = ip->saddr, .sport = ports[1],
+                           .dport = ports[0], .proto = ip->protocol, .dir = CT_REV};
+    struct lb_ct_val rv = {.orig_addr = opt.addr, .orig_port = opt.port, .flags = CT_DSR,
+                           .client_addr = ip->saddr, .client_port = ports[0],
+                           .last_seen_ns = bpf_ktime_get_ns()};
+    lb4_ct.update(&rk, &rv);
+    u32 old0 = *(u32 *)ip;
+    u32 new0 = old0;
+    u8 *b = (u8 *)&new0;
+    u16 tot = (((u16)b[2] << 8) | b[3]) - DSR_OPT_LEN;
+    b[0] = 0x45;
+    b[2] = tot >> 8;
+    b[3] = tot & 0xff;
+    s64 sum = bpf_csum_diff(&old0, 4, &new0, 4, 0);
+    sum = bpf_csum_diff((u32 *)&opt, sizeof(opt), 0, 0, sum);
+    if (bpf_skb_store_bytes(skb, ETH_HLEN, &new0, 4, 0) < 0)
+        return;
+    bpf_l3_csum_replace(skb, IP_CSUM_OFF, 0, sum, 0);
+    bpf_skb_adjust_room(skb, -DSR_OPT_LEN, BPF_ADJ_ROOM_NET, 0);
+}
+
 int nodeport_ingress(struct __sk_buff *skb)
 {
+    if (DSR_MODE)
+        dsr_extract(skb);
     struct pkt p = {};
     if (parse(skb, &p) < 0)
         return TC_ACT_OK;
@@ -555,7 +630,29 @@ int nodeport_ingress(struct __sk_buff *skb)
     }
     u32 baddr = be->address;
     u16 bport = be->port;
-    u8 snat = (be->flags & BE_REMOTE) ? CT_SNAT : 0;
+    u8 remote = be->flags & BE_REMOTE;
+    if (DSR_MODE && remote) {
+        // DSR: keep the client's address, so the backend's node answers it directly. A
+        // client that is itself a node address gets SNAT: the backend's node would drop a
+        // packet from its own address as a martian.
+        u32 client = p.saddr;
+        if (!lb4_node_addrs.lookup(&client)) {
+            u8 opt = p.proto == IPPROTO_UDP;  // UDP: every datagram; TCP: the SYN (as Cilium)
+            if (!opt) {
+                u8 fl = 0;
+                bpf_skb_load_bytes(skb, p.l4_off + 13, &fl, 1);
+                opt = (fl & 0x02) != 0;
+            }
+            u32 svc_addr = p.daddr;
+            u16 svc_port = p.dport;
+            set_addr(skb, &p, IP_DST_OFF, p.daddr, baddr);
+            set_port(skb, &p, p.l4_off + 2, p.dport, bport);
+            if (opt && dsr_insert(skb, svc_addr, svc_port) < 0)
+                return TC_ACT_SHOT;
+            return fib_redirect(skb, client, baddr, p.proto);
+        }
+    }
+    u8 snat = remote ? CT_SNAT : 0;
     u32 new_src = snat ? NODE_IP : p.saddr;
     struct lb_ct_key rk = {.saddr = baddr, .daddr = new_src, .sport = bport,
                            .dport = p.sport, .proto = p.proto, .dir = CT_REV};
