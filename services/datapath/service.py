@@ -107,6 +107,9 @@ class AgentConfig:
     lb_sizes: LbSizes = field(default_factory=LbSizes)
     maglev_m: int = 16381
     """``bpf-lb-maglev-table-size``: must equal the lb service's M (other tables fall back)."""
+    lb_mode: str = "snat"
+    """``bpf-lb-mode``: ``snat`` or ``dsr`` for NodePort to backends on other nodes (the same on
+    every node: the backend's node decodes the DSR option)."""
     lb_cgroup: str = ""
     """Where the socket LB attaches: the node's cgroup subtree in dev mode; outside it only
     when ``CILIATE_LB_CGROUP_ROOT`` names one (the host's cgroup root would translate every
@@ -143,6 +146,7 @@ class AgentConfig:
             lb=_flag(opt("KUBE_PROXY_REPLACEMENT"), True),
             lb_sizes=SMALL_LB_MAPS if opt("BPF_MAP_SIZES") == "small" else LbSizes(),
             maglev_m=int(opt("BPF_LB_MAGLEV_TABLE_SIZE") or 16381),
+            lb_mode=opt("BPF_LB_MODE") or "snat",
             lb_cgroup=opt("LB_CGROUP_ROOT") or (
                 str(node_cgroup(cluster, s.node)) if s.dev_mode else ""),
         )
@@ -386,7 +390,7 @@ class DatapathAgent:
         on the node's cgroup subtree and, in dev mode, the NodePort tc LB on the node's eth0."""
         cfg = self.cfg
         lb = LbDatapath(cfg.node, cfg.pin_root, node_ip=self.node_ip or "0.0.0.0",
-                        maglev_m=cfg.maglev_m, sizes=cfg.lb_sizes)
+                        maglev_m=cfg.maglev_m, sizes=cfg.lb_sizes, mode=cfg.lb_mode)
         try:
             if cfg.lb_cgroup:
                 Path(cfg.lb_cgroup).mkdir(parents=True, exist_ok=True)
