@@ -75,11 +75,25 @@ class PodRecord:
     ip: str
     cgroup: str
     node_netns: str
+    """"" = the agent's own namespace (a real node)."""
     server_pid: int = 0
+    container_id: str = ""
+    """Set for a sandbox a container runtime made and handed over by CNI ADD: ``netns`` is then
+    the runtime's path (``/var/run/netns/x``, ``/proc/PID/ns/net``), the runtime owns it and
+    the pod has no cgroup of ours."""
 
     @property
     def key(self) -> str:
         return f"{self.namespace}.{self.name}"
+
+
+def _ipr(ns: str | None) -> IPRoute:
+    return IPRoute(netns=ns) if ns else IPRoute()
+
+
+def netns_exists(ns: str) -> bool:
+    """A named namespace (``ip netns``) or a runtime's path to one."""
+    return os.path.exists(ns) if ns.startswith("/") else ns in netns.listnetns()
 
 
 @dataclass
@@ -197,16 +211,16 @@ def delete_pod(pod: PodSandbox, state_dir: Path | None = None) -> None:
         pod.server.wait()
         if pod.server.stdout:
             pod.server.stdout.close()
-    with contextlib.suppress(Exception), IPRoute(netns=rec.node_netns) as ipr:
+    with contextlib.suppress(Exception), _ipr(rec.node_netns) as ipr:
         found = ipr.link_lookup(ifname=rec.ifname)
         if found:
             ipr.link("del", index=found[0])
-    with contextlib.suppress(Exception), IPRoute(netns=rec.node_netns) as ipr:
+    with contextlib.suppress(Exception), _ipr(rec.node_netns) as ipr:
         ipr.route("del", dst=f"{rec.ip}/32")
-    if rec.netns in netns.listnetns():
-        netns.remove(rec.netns)
-    cg = Path(rec.cgroup)
-    if cg.exists():
+    if not rec.container_id and rec.netns in netns.listnetns():
+        netns.remove(rec.netns)  # a runtime's namespace is the runtime's to remove
+    cg = Path(rec.cgroup) if rec.cgroup else None
+    if cg is not None and cg.exists():
         _kill_cgroup(cg)
         _wait_for(lambda: _rmdir_ok(cg), 5.0, f"remove cgroup {cg}")
     if state_dir is not None:
@@ -247,9 +261,12 @@ def read_record(state_dir: Path, namespace: str, name: str) -> PodRecord:
 
 
 def pod_exec(rec: PodRecord, cmd: list[str]) -> int:
-    """Run ``cmd`` in the pod's network namespace and cgroup; returns its exit code."""
-    proc = subprocess.run(["ip", "netns", "exec", rec.netns, *cmd],
-                          preexec_fn=lambda: enter_cgroup(rec.cgroup), check=False)
+    """Run ``cmd`` in the pod's network namespace and cgroup (a CNI pod has none of ours);
+    returns its exit code."""
+    enter = (["nsenter", f"--net={rec.netns}"] if rec.netns.startswith("/")
+             else ["ip", "netns", "exec", rec.netns])
+    proc = subprocess.run([*enter, *cmd], check=False,
+                          preexec_fn=(lambda: enter_cgroup(rec.cgroup)) if rec.cgroup else None)
     return proc.returncode
 
 
@@ -373,14 +390,15 @@ def set_remote_route(node_netns: str, ip: str, via: str | None) -> None:
 
 
 def adopt_pod(state_dir: Path, namespace: str, name: str) -> PodSandbox | None:
-    """A pod an earlier agent made (record, namespace and host veth still there), else None."""
+    """A pod an earlier agent made or CNI handed over (record, namespace and host veth still
+    there), else None."""
     try:
         rec = read_record(state_dir, namespace, name)
     except (LookupError, ValueError, TypeError):
         return None
-    if rec.netns not in netns.listnetns():
+    if not netns_exists(rec.netns):
         return None
-    with IPRoute(netns=rec.node_netns) as ipr:
+    with _ipr(rec.node_netns) as ipr:
         if not ipr.link_lookup(ifname=rec.ifname):
             return None
     return PodSandbox(rec)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,7 +30,7 @@ from ciliate.bus.subjects import flows as flows_subject
 from ciliate.flows.tables import TrafficDirection, drop_reason_text
 from ciliate.runner import ServiceContext, ServiceSpec
 
-from .cni.agent import CniAgent
+from .cni.agent import CniAgent, tc_program_names
 from .core.flows import FlowContext, event_to_flow
 from .core.model import EndpointFlag, EnforcementMode
 from .core.plan import DesiredState, desired_state
@@ -48,6 +49,7 @@ from .proxy.dns_proxy import DNSProxy, Learner
 from .proxy.http_proxy import HTTPProxy
 from .proxy.loader import ProxyDatapath
 from .sandbox import (
+    PodRecord,
     PodSandbox,
     adopt_pod,
     cluster_lock,
@@ -60,6 +62,7 @@ from .sandbox import (
     remove_node,
     set_remote_route,
     short_hash,
+    write_record,
 )
 
 T = TypeVar("T")
@@ -114,6 +117,8 @@ class AgentConfig:
     """Where the socket LB attaches: the node's cgroup subtree in dev mode; outside it only
     when ``CILIATE_LB_CGROUP_ROOT`` names one (the host's cgroup root would translate every
     process on the machine, which an agent must not assume it may do)."""
+    node_netns: str = ""
+    """Outside dev mode: the named network namespace that is the node's (tests); "" = ours."""
 
     @classmethod
     def from_context(cls, ctx: ServiceContext) -> AgentConfig:
@@ -149,6 +154,7 @@ class AgentConfig:
             lb_mode=opt("BPF_LB_MODE") or "snat",
             lb_cgroup=opt("LB_CGROUP_ROOT") or (
                 str(node_cgroup(cluster, s.node)) if s.dev_mode else ""),
+            node_netns=opt("NODE_NETNS") or "",
         )
 
 
@@ -157,11 +163,14 @@ def default_pod_cidr(node: str) -> str:
     return f"10.244.{node_ip_for(node).rsplit('.', 1)[1]}.0/24"
 
 
-def mount_cni(app: web.Application, cfg: AgentConfig, node_netns: str | None) -> CniAgent | None:
-    """The CNI handlers on the agent's app, when enabled; attachments persist per node."""
+def mount_cni(app: web.Application, cfg: AgentConfig, node_netns: str | None,
+              host: DatapathAgent | None = None) -> CniAgent | None:
+    """The CNI handlers on the agent's app, when enabled; attachments persist per node. With
+    ``host`` (outside dev mode) CNI pods become the agent's endpoints (cni/agent.py)."""
     if not cfg.cni:
         return None
-    agent = CniAgent(cfg.pod_cidr, cfg.state_dir / "cni" / cfg.node, node_netns=node_netns)
+    agent = CniAgent(cfg.pod_cidr, cfg.state_dir / "cni" / cfg.node, node_netns=node_netns,
+                     host=host)
     agent.register(app)
     return agent
 
@@ -275,6 +284,7 @@ class DatapathAgent:
     def __init__(self, ctx: ServiceContext, cfg: AgentConfig) -> None:
         self.ctx = ctx
         self.cfg = cfg
+        self.node = cfg.node
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="datapath-worker")
         self.poller = ThreadPoolExecutor(1, thread_name_prefix="datapath-events")
         self.dp: Datapath | None = None
@@ -301,6 +311,11 @@ class DatapathAgent:
         """Host veth names by ifindex, for the flows' ``interface``."""
         self.flow_ctx = FlowContext(cfg.node, ifnames=self.ifnames)
         self.dirty = asyncio.Event()
+        self.ready = asyncio.Event()
+        """Every mirror's snapshot is complete (maps may be written)."""
+        self.reconcile_lock = asyncio.Lock()
+        """Held by a reconcile and by a CNI hand-over, which reconciles itself."""
+        self.endpoint_seen = asyncio.Event()
         self.mirrors: dict[Bucket, KVMirror] = {}
         self.publisher: BatchPublisher | None = None
         self.tasks: list[asyncio.Task[Any]] = []
@@ -328,7 +343,10 @@ class DatapathAgent:
                 with cluster_lock(cfg.cluster):
                     return ensure_node(cfg.cluster, cfg.node, self.node_ip).netns
             self.node_netns = await self._run(make_node)
-        self.cni = mount_cni(self.ctx.app, cfg, self.node_netns)
+        else:
+            self.node_netns = cfg.node_netns or None
+        self.cni = mount_cni(self.ctx.app, cfg, self.node_netns,
+                             None if cfg.dev_mode else self)
         self.dp = await self._run(lambda: Datapath(cfg.node, sizes=cfg.sizes,
                                                    pin_root=cfg.pin_root, monitor=cfg.monitor))
         self.applied = await self._run(self.dp.read_state)
@@ -427,6 +445,8 @@ class DatapathAgent:
         async def changed(key: str, old: Any, new: Any) -> None:
             if bucket is Bucket.NODES:
                 self.lb_dirty.set()
+            elif bucket is Bucket.ENDPOINTS:
+                self.endpoint_seen.set()
             if feed is not None:
                 try:
                     feed(key, new)
@@ -490,12 +510,14 @@ class DatapathAgent:
             self.ctx.status["waiting_for"] = bucket.value
             await mirror.synced.wait()
         self.ctx.status.pop("waiting_for", None)
+        self.ready.set()
         # Nothing is written before every bucket's snapshot is complete: a restarted agent
         # would otherwise delete entries that are merely not yet known.
         while True:
             self.dirty.clear()
             try:
-                await self.reconcile()
+                async with self.reconcile_lock:
+                    await self.reconcile()
                 self.ctx.status["synced"] = True
             except Exception as exc:  # keep the agent alive; retry on the next change
                 self.error(f"reconcile failed: {exc!r}")
@@ -514,12 +536,17 @@ class DatapathAgent:
         for key, pol in self._values(Bucket.POLICY).items():
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 policies[int(pol.get("identity", key))] = pol
-        desired = desired_state(node=self.cfg.node, endpoints=endpoints.values(),
-                                ipcache=self._values(Bucket.IPCACHE).values(), policies=policies,
-                                mode=self.cfg.enforcement, audit=self.cfg.audit)
         self.flow_ctx = FlowContext.build(self.cfg.node, endpoints.values(),
                                           self._values(Bucket.IDENTITIES).values(),
                                           time.time_ns() - time.monotonic_ns(), self.ifnames)
+        if self.cni is not None and self.cni.host is not None:
+            # A real node's pods are endpoints of its maps once CNI handed them over.
+            wired = self.cni.pod_keys()
+            endpoints = {k: ep for k, ep in endpoints.items()
+                         if ep.get("node") != self.cfg.node or k in wired}
+        desired = desired_state(node=self.cfg.node, endpoints=endpoints.values(),
+                                ipcache=self._values(Bucket.IPCACHE).values(), policies=policies,
+                                mode=self.cfg.enforcement, audit=self.cfg.audit)
         want = local_pods(self.cfg.node, endpoints)
         # Sandboxes whose endpoint went (or changed address) go first, then the maps are
         # synced in planned order, then new sandboxes attach to already-written maps.
@@ -566,6 +593,67 @@ class DatapathAgent:
             del self.ifnames[idx]
         if self.cfg.dev_mode:
             delete_pod(pod, state_dir=self.cfg.state_dir)
+
+    # --- CNI hand-over (cni/agent.py EndpointHost) --------------------------------------------
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._run(fn, *args)
+
+    async def endpoint_ip(self, namespace: str, name: str, timeout: float) -> str | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        key = f"{namespace}.{name}"
+        try:
+            await asyncio.wait_for(self.ready.wait(), timeout)
+        except TimeoutError:
+            return None
+        while True:
+            self.endpoint_seen.clear()
+            ep = self.mirrors[Bucket.ENDPOINTS].values.get(key)
+            if ep and ep.get("node") == self.cfg.node and local_pods(self.cfg.node, {key: ep}):
+                return _pod_ip(ep)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.endpoint_seen.wait(), remaining)
+
+    async def enforce(self, rec: PodRecord) -> None:
+        """Programs on the host veth, the sandbox recorded, then a reconcile writes its
+        endpoint entry (the CNI agent counts it among its pods already)."""
+        async with self.reconcile_lock:
+            if rec.key in self.pods:
+                await self._run(self._remove_pod, rec.key)
+            await self._run(self._attach, rec.ifname, rec.node_netns or None)
+            await self._run(write_record, self.cfg.state_dir, rec)
+            self.pods[rec.key] = PodSandbox(rec)
+            await self.reconcile()
+
+    async def release(self, rec: PodRecord) -> None:
+        async with self.reconcile_lock:
+            pod = self.pods.get(rec.key)
+            if pod is not None and pod.ifname == rec.ifname:
+                await self._run(self._remove_pod, rec.key)
+            path = self.cfg.state_dir / "pods" / f"{rec.key}.json"
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                if json.loads(path.read_text()).get("container_id") == rec.container_id:
+                    path.unlink()
+            await self.reconcile()
+
+    async def problems(self, rec: PodRecord) -> list[str]:
+        assert self.dp is not None
+        want = [("ingress", self.dp.fn_from.name), ("egress", self.dp.fn_to.name)]
+        if self.pdp is not None:
+            want.append(("ingress", self.pdp.fn.name))
+        names = await self._run(tc_program_names, rec.ifname, rec.node_netns or None)
+        out = [f"{rec.ifname}: no {prog.decode()} program on tc {hook}"
+               for hook, prog in want if prog.decode() not in names[hook]]
+        pod = self.pods.get(rec.key)
+        if pod is None or pod.ifname != rec.ifname:
+            out.append(f"{rec.key} is not an endpoint of this agent")
+        if rec.ip not in self.applied.endpoints:
+            out.append(f"no endpoint map entry for {rec.ip}")
+        return out
 
     def _sync_routes(self, want: dict[str, str]) -> None:
         assert self.node_netns is not None
