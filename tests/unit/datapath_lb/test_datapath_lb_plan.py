@@ -191,3 +191,23 @@ def test_incremental_updates_reach_the_same_maps_as_a_full_derivation(
         kv = new
         full, _ = desired_state(kv, "n1", maglev_m=M)
         assert maps == full == index.state
+
+
+def test_index_update_work_stays_with_the_touched_service() -> None:
+    """A Service's table users are indexed both ways: dropping or replacing a Service does not
+    scan every table (it did: 5-14 ms per change at 10,000 Services), and re-publishing a table
+    with the same content re-derives nobody."""
+    from services.datapath.lb.core.model import LbIndex
+
+    index = LbIndex("n1", maglev_m=M)
+    a = svc("a", "10.96.0.1", [(1, "10.244.1.1", "n1", "active")])
+    b = svc("b", "10.96.0.2", [(1, "10.244.1.1", "n1", "active")])
+    index.load(a | b)
+    assert index.users == {"tbl.1": {"svc.default.a", "svc.default.b"}}
+    assert index.uses["svc.default.a"] == {"tbl.1"}
+    assert index.update("tbl.1", dict(a["tbl.1"])) == []  # same content: no ops, no work
+    ops = index.update("svc.default.a", None)
+    assert ops and all(op.map is LbMap.SERVICES or op.map is LbMap.REVNAT for op in ops)
+    assert index.users == {"tbl.1": {"svc.default.b"}} and "svc.default.a" not in index.uses
+    index.update("svc.default.b", None)
+    assert index.users == {} and index.uses == {}

@@ -316,6 +316,7 @@ class LbIndex:
         self.services: dict[str, Mapping[str, Any]] = {}
         self.fragments: dict[str, LbState] = {}
         self.users: dict[str, set[str]] = {}  # table key -> svc keys
+        self.uses: dict[str, set[str]] = {}  # svc key -> table keys (users, reversed)
         self.refs: dict[tuple[LbMap, Any], int] = {}
         self.warnings: dict[str, list[str]] = {}
 
@@ -337,6 +338,8 @@ class LbIndex:
                 # possibly stale value could roll back a backend another Service updated).
                 self.tables.pop(key, None)
                 return []
+            if self.tables.get(key) == value:
+                return []  # the same content again (keys hash it): nothing to re-derive
             self.tables[key] = dict(value)
             touched = set(self.users.get(key, ()))
         elif key.startswith("svc."):
@@ -371,6 +374,7 @@ class LbIndex:
         frag, warnings = desired_state({key: value, **tables}, self.node, maglev_m=self.maglev_m)
         for t in refs:
             self.users.setdefault(t, set()).add(key)
+        self.uses[key] = refs
         self.fragments[key] = frag
         self.warnings[key] = warnings
         for (m, k), v in _entries(frag):
@@ -380,8 +384,12 @@ class LbIndex:
     def _drop_service(self, key: str) -> None:
         frag = self.fragments.pop(key, None)
         self.warnings.pop(key, None)
-        for users in self.users.values():
-            users.discard(key)
+        for t in self.uses.pop(key, ()):  # not a scan of every table: O(this Service)
+            users = self.users.get(t)
+            if users is not None:
+                users.discard(key)
+                if not users:
+                    del self.users[t]
         if frag is None:
             return
         for (m, k), _v in _entries(frag):
