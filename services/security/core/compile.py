@@ -1,16 +1,21 @@
 """Compile a PolicySpec into BPF C text (from the template) plus the contents of its maps.
 
 Selectors become straight-line C with the policy's constants inlined, so a non-matching event
-costs a few compares: checks run cheapest first (node cgroup, pod cgroups, pids, namespaces,
-then the binary, whose process-map lookup is done only when a selector asks, then arguments,
-whose strings are read only when a selector or the event needs them); sets that may be large
-(matchBinaries In/NotIn) become hash maps whose
-contents the loader writes after loading. Kernel struct offsets are parameters (from BTF);
-tracepoint field offsets come from the format file the spec was validated against.
+costs a few compares. Per event the hook first checks the node's cgroup subtree (and the pod
+cgroups of a namespaced policy), then each selector's tests cheapest first: integer arguments
+(loads from the tracepoint record), PIDs, string arguments, namespaces (the task is read only
+then), binaries (the process map is looked up only then). A string compared with Equal, NotEqual
+or Prefix is read from user memory into a small stack buffer of just the bytes the compare needs
+(value length plus one) and compared eight bytes at a time; only Postfix, and a matching event
+that posts, read whole strings into the per-CPU event. Sets that may be large (matchBinaries
+In/NotIn) become hash maps whose contents the loader writes after loading. Kernel struct offsets
+are parameters (from BTF); tracepoint field offsets come from the format file the spec was
+validated against.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -36,6 +41,9 @@ PATH_LEN = 256
 TP_STR_LEN = 256
 TP_MAX_ARGS = 5
 RINGBUF_PAGES = 64
+STACK_COMPARE_BYTES = 256
+"""Stack budget of a hook for compare buffers; string slots beyond it compare in the per-CPU
+event instead (same read size, one more check of the destination by the kernel)."""
 
 # Kernel struct members the programs read; each must be resolved from the running kernel's BTF.
 LIFECYCLE_OFFSETS: tuple[str, ...] = (
@@ -119,26 +127,59 @@ def _bytes_equal(expr: str, data: bytes, start: str = "") -> str:
     return " && ".join(parts) if parts else "1"
 
 
-def _string_condition(op: ArgOperator, slot: int, values: tuple[str | int, ...]) -> str:
+def compare_bytes(op: ArgOperator, value: str | int) -> bytes:
+    """The bytes a compare-buffer test checks: the value, and for Equal/NotEqual its NUL too."""
+    data = str(value).encode()
+    return data + b"\0" if op in (ArgOperator.EQUAL, ArgOperator.NOT_EQUAL) else data
+
+
+def compare_read_size(op: ArgOperator, values: tuple[str | int, ...]) -> int:
+    """How many bytes (NUL included) to read for these compares: one more than compared.
+
+    ``bpf_probe_read_user_str(buf, n, src)`` copies at most n - 1 characters and a NUL. With n one
+    more than the bytes compared, a longer string still shows a character where an Equal value
+    has its NUL, and a shorter one shows its NUL where the value has a character: the compare
+    of exactly those bytes is exact, whatever the buffer holds past the NUL.
+    """
+    return max(len(compare_bytes(op, v)) for v in values) + 1
+
+
+def _words_equal(buf: str, data: bytes) -> str:
+    """C conjunction comparing the u64 words ``buf[k]`` with ``data`` (masked in the last)."""
+    parts = []
+    for k in range(0, len(data), 8):
+        chunk = data[k : k + 8]
+        value = int.from_bytes(chunk.ljust(8, b"\0"), sys.byteorder)
+        if len(chunk) == 8:
+            parts.append(f"{buf}[{k // 8}] == {value:#x}ULL")
+        else:
+            mask = (1 << (8 * len(chunk))) - 1
+            parts.append(f"({buf}[{k // 8}] & {mask:#x}ULL) == {value:#x}ULL")
+    return " && ".join(parts)
+
+
+def _compare_condition(op: ArgOperator, buf: str, values: tuple[str | int, ...]) -> str:
+    """Equal, NotEqual or Prefix on a compare buffer (u64 words; see ``compare_read_size``)."""
+    terms = [f"({_words_equal(buf, compare_bytes(op, v))})" for v in values]
+    joined = " || ".join(terms)
+    return f"!({joined})" if op is ArgOperator.NOT_EQUAL else f"({joined})"
+
+
+def _postfix_condition(slot: int, values: tuple[str | int, ...]) -> str:
+    """Postfix on the whole string read into the event (``slen{slot}`` is its length)."""
     buf = f"e->strs[{slot}]"
     length = f"slen{slot}"
     terms = []
     for value in values:
         data = str(value).encode()
-        if op in (ArgOperator.EQUAL, ArgOperator.NOT_EQUAL):
-            terms.append(f"({length} == {len(data)} && {_bytes_equal(buf, data)})")
-        elif op is ArgOperator.PREFIX:
-            terms.append(f"({length} >= {len(data)} && {_bytes_equal(buf, data)})")
-        elif op is ArgOperator.POSTFIX:
-            start = f"({length} - {len(data)})"
-            terms.append(f"({length} >= {len(data)} && {_bytes_equal(buf, data, start)})")
-    joined = " || ".join(terms)
-    return f"!({joined})" if op is ArgOperator.NOT_EQUAL else f"({joined})"
+        start = f"({length} - {len(data)})"
+        terms.append(f"({length} >= {len(data)} && {_bytes_equal(buf, data, start)})")
+    return "(" + " || ".join(terms) + ")"
 
 
 def _int_condition(op: ArgOperator, slot: int, arg: ArgSpec, values: tuple[str | int, ...]) -> str:
     ctype = "s64" if arg.signed else "u64"
-    value = f"(({ctype})e->ints[{slot}])"
+    value = f"(({ctype})a{slot})"
     nums = [int(v) for v in values]
     if op is ArgOperator.EQUAL:
         return "(" + " || ".join(f"{value} == ({ctype}){n}LL" for n in nums) + ")"
@@ -148,7 +189,7 @@ def _int_condition(op: ArgOperator, slot: int, arg: ArgSpec, values: tuple[str |
         return "(" + " || ".join(f"{value} > ({ctype}){n}LL" for n in nums) + ")"
     if op is ArgOperator.LT:
         return "(" + " || ".join(f"{value} < ({ctype}){n}LL" for n in nums) + ")"
-    return "(" + " || ".join(f"(e->ints[{slot}] & (u64){n}ULL) != 0" for n in nums) + ")"
+    return "(" + " || ".join(f"(a{slot} & (u64){n}ULL) != 0" for n in nums) + ")"
 
 
 def _read_int(arg: ArgSpec) -> str:
@@ -158,23 +199,27 @@ def _read_int(arg: ArgSpec) -> str:
         f"(u64)*({ctype} *)((char *)ctx + {arg.offset})"
 
 
-def _read_string(arg: ArgSpec, slot: int) -> str:
-    dst = f"e->strs[{slot}]"
+def _read_string_call(arg: ArgSpec, dst: str, size: int) -> str:
+    """The C call copying string argument ``arg`` into ``dst`` (at most ``size`` bytes, NUL
+    included); returns what the helper returns (bytes copied with the NUL, or < 0)."""
     if arg.field_kind is FieldKind.USER_STRING:
         src = f"(const void *)*(u64 *)((char *)ctx + {arg.offset})"
-        return f"slen{slot} = bpf_probe_read_user_str({dst}, TP_STR_LEN, {src}) - 1;"
+        return f"bpf_probe_read_user_str({dst}, {size}, {src})"
     if arg.field_kind is FieldKind.DATA_LOC_STRING:
         src = f"(char *)ctx + (*(u32 *)((char *)ctx + {arg.offset}) & 0xFFFF)"
-        return f"slen{slot} = bpf_probe_read_kernel_str({dst}, TP_STR_LEN, {src}) - 1;"
-    return (
-        f"slen{slot} = bpf_probe_read_kernel_str({dst}, "
-        f"{min(arg.size + 1, TP_STR_LEN)}, (char *)ctx + {arg.offset}) - 1;"
-    )
+        return f"bpf_probe_read_kernel_str({dst}, {size}, {src})"
+    size = min(size, arg.size + 1)  # a char[] field: at most its own length and a NUL
+    return f"bpf_probe_read_kernel_str({dst}, {size}, (char *)ctx + {arg.offset})"
+
+
+def _read_string(arg: ArgSpec, slot: int) -> str:
+    """The whole string into the event (what a posted event carries, and what Postfix needs)."""
+    return f"slen{slot} = {_read_string_call(arg, f'e->strs[{slot}]', TP_STR_LEN)} - 1;"
 
 
 def _namespace_inum(ns_member: str, ns_struct: str, offsets: Mapping[str, int]) -> str:
     return (
-        "ns_inum(task, "
+        "ns_inum(cur_task(), "
         f"{offsets[f'nsproxy.{ns_member}']}, "
         f"{offsets[f'{ns_struct}.ns'] + offsets['ns_common.inum']})"
     )
@@ -202,6 +247,23 @@ class _HookCompiler:
         self.string_slots = [
             slot for slot, arg in enumerate(hook.args[:TP_MAX_ARGS]) if arg.type is ArgType.STRING
         ]
+        self.compare_sizes = self._compare_sizes()
+        self.needs_postfix = any(
+            ma.operator is ArgOperator.POSTFIX for sel in hook.selectors for ma in sel.match_args
+        )
+
+    def _compare_sizes(self) -> dict[int, int]:
+        """Per string slot compared by Equal/NotEqual/Prefix: the bytes to read for them all."""
+        sizes: dict[int, int] = {}
+        for sel in self.hook.selectors:
+            for ma in sel.match_args:
+                slot = self.slots.get(ma.index)
+                if slot is None or slot not in self.string_slots or \
+                        ma.operator is ArgOperator.POSTFIX:
+                    continue
+                size = compare_read_size(ma.operator, ma.values)
+                sizes[slot] = max(sizes.get(slot, 0), size)
+        return sizes
 
     def _binary_condition(self, sel_index: int, k: int, op: BinaryOperator,
                           values: tuple[str, ...]) -> str:
@@ -214,11 +276,24 @@ class _HookCompiler:
         found = f"(proc() && {name}.lookup((struct bin_key *)pi->binary))"
         return found if op is BinaryOperator.IN else f"!{found}"
 
+    def _is_string(self, ma: MatchArg) -> bool:
+        slot = self.slots.get(ma.index)
+        return slot is not None and self.hook.args[slot].type is ArgType.STRING
+
     def _selector_condition(self, sel_index: int, sel: Selector) -> str:
-        terms: list[str] = []
+        """The selector's tests ANDed, cheapest first: integer arguments (a load from the
+        record), PIDs (one helper), strings compared in a stack buffer (one read of a few
+        bytes), namespaces (task reads), binaries (map lookups), Postfix (a whole string)."""
+        ints = [ma for ma in sel.match_args if not self._is_string(ma)]
+        strings = [ma for ma in sel.match_args
+                   if self._is_string(ma) and ma.operator is not ArgOperator.POSTFIX]
+        postfix = [ma for ma in sel.match_args
+                   if self._is_string(ma) and ma.operator is ArgOperator.POSTFIX]
+        terms: list[str] = [self._arg_condition(ma) for ma in ints]
         for mp in sel.match_pids:
-            any_of = " || ".join(f"tgid == {p}" for p in mp.values)
+            any_of = " || ".join(f"tgid() == {p}" for p in mp.values)
             terms.append(f"({any_of})" if mp.operator is SetOperator.IN else f"!({any_of})")
+        terms += [self._arg_condition(ma) for ma in strings]
         for mn in sel.match_namespaces:
             member, struct = NAMESPACE_FIELDS[mn.namespace]
             inum = _namespace_inum(member, struct, self.offsets)
@@ -227,9 +302,19 @@ class _HookCompiler:
             terms.append(body if mn.operator is SetOperator.IN else f"!{body}")
         for k, mb in enumerate(sel.match_binaries):
             terms.append(self._binary_condition(sel_index, k, mb.operator, mb.values))
-        for ma in sel.match_args:
-            terms.append(self._arg_condition(ma))
+        terms += [self._arg_condition(ma) for ma in postfix]
         return " && ".join(terms) if terms else "1"
+
+    def _int_prefilter(self) -> str:
+        """When every selector tests an integer argument, those tests ORed over the selectors:
+        an event none of them lets through leaves before the scope check (a helper call)."""
+        per_selector = []
+        for sel in self.hook.selectors:
+            ints = [self._arg_condition(ma) for ma in sel.match_args if not self._is_string(ma)]
+            if not ints:
+                return ""
+            per_selector.append("(" + " && ".join(ints) + ")")
+        return " || ".join(per_selector)
 
     def _arg_condition(self, ma: MatchArg) -> str:
         slot = self.slots.get(ma.index)
@@ -240,7 +325,10 @@ class _HookCompiler:
             )
         arg = self.hook.args[slot]
         if arg.type is ArgType.STRING:
-            return f"(read_strs() && {_string_condition(ma.operator, slot, ma.values)})"
+            if ma.operator is ArgOperator.POSTFIX:
+                return f"(read_strs() && {_postfix_condition(slot, ma.values)})"
+            compare = _compare_condition(ma.operator, f"cmp{slot}", ma.values)
+            return f"(cmp_read{slot}() && {compare})"
         return _int_condition(ma.operator, slot, arg, ma.values)
 
     def _actions(self, sel_index: int, actions: tuple[Action, ...]) -> list[str]:
@@ -260,10 +348,18 @@ class _HookCompiler:
             return [*lines, "return 0;"]
         hook_sel = (self.hook_index << 8) | sel_index
         rate = post.rate_limit_ns if post is not None else 0
-        guard = f"rate_ok(tgid, {hook_sel}, {rate}ULL)" if rate else "1"
+        guard = f"rate_ok(tgid(), {hook_sel}, {rate}ULL)" if rate else "1"
+        fill_ints = [
+            f"    e->ints[{slot}] = {'0' if arg.type is ArgType.STRING else f'a{slot}'};"
+            for slot, arg in enumerate(self.hook.args[:TP_MAX_ARGS])
+        ]
         lines += [
             f"if ({guard}) {{",
+            "    e = tp_scratch.lookup(&zero);",
+            "    if (!e)",
+            "        return 0;",
             "    read_strs();",
+            *fill_ints,
             "    fill_hdr(&e->h, proc());",
             f"    e->h.aux1 = {hook_sel};",
             f"    e->h.aux2 = {code};",
@@ -277,11 +373,44 @@ class _HookCompiler:
     def function_name(self) -> str:
         return f"hook_{self.hook_index}"
 
+    def _compare_buffers(self) -> tuple[list[str], list[str]]:
+        """Declarations of the compare buffers and their lazy reads (macros ``cmp_read{slot}``).
+
+        Stack buffers (zeroed u64 words) up to STACK_COMPARE_BYTES per hook; a slot beyond that
+        compares in its string of the per-CPU event, read with the same small size."""
+        decls: list[str] = []
+        undefs: list[str] = []
+        stack = 0
+        for slot, size in sorted(self.compare_sizes.items()):
+            words = (size + 7) // 8
+            if stack + 8 * words <= STACK_COMPARE_BYTES:
+                stack += 8 * words
+                decls.append(f"    u64 cmp{slot}[{words}] = {{}};")
+            else:
+                decls.append(f"    u64 *cmp{slot} = (u64 *)e->strs[{slot}];")
+            call = _read_string_call(self.hook.args[slot], f"cmp{slot}", size)
+            decls += [
+                f"    int cmp{slot}_read = 0;",
+                f"    #define cmp_read{slot}() ({{ if (!cmp{slot}_read) {{ {call}; "
+                f"cmp{slot}_read = 1; }} 1; }})",
+            ]
+            undefs.append(f"    #undef cmp_read{slot}")
+        return decls, undefs
+
     def compile(self, restrict: bool) -> str:
         hook = self.hook
         body: list[str] = [
             f"/* {hook.kind.value}: {hook.name} */",
             f"int {self.function_name()}(void *ctx) {{",
+        ]
+        for slot, arg in enumerate(hook.args[:TP_MAX_ARGS]):
+            if arg.type is ArgType.INT:
+                read = _read_int(arg) if hook.kind is HookKind.TRACEPOINT else "0"
+                body.append(f"    u64 a{slot} = {read}; (void)a{slot};")
+        prefilter = self._int_prefilter()
+        if prefilter:  # loads from the record and compares: cheaper than the scope check
+            body += [f"    if (!({prefilter}))", "        return 0;"]
+        body += [
             "    if (node_cgroup.check_current_task(0) != 1)",
             "        return 0;",
         ]
@@ -291,21 +420,36 @@ class _HookCompiler:
                 "    if (!allowed_cgroups.lookup(&cg))",
                 "        return 0;",
             ]
+        spills = sum(8 * ((size + 7) // 8) for size in self.compare_sizes.values()) > \
+            STACK_COMPARE_BYTES
+        body.append("    u32 zero = 0;")
+        if self.needs_postfix or spills:  # the per-CPU event is needed before any match
+            body += [
+                "    struct ev_tp *e = tp_scratch.lookup(&zero);",
+                "    if (!e)",
+                "        return 0;",
+            ]
+        else:  # looked up only by a selector that posts
+            body.append("    struct ev_tp *e = 0;")
         body += [
-            "    u32 zero = 0;",
-            "    struct ev_tp *e = tp_scratch.lookup(&zero);",
-            "    if (!e)",
-            "        return 0;",
-            "    u32 tgid = bpf_get_current_pid_tgid() >> 32;",
+            "    u32 tgid_v = 0;",
+            "    #define tgid() ({ if (!tgid_v) tgid_v = bpf_get_current_pid_tgid() >> 32; "
+            "tgid_v; })",
             "    struct proc_info *pi = 0;",
             "    int pi_read = 0;",
-            "    #define proc() ({ if (!pi_read) { pi = lookup_proc(tgid); "
+            "    #define proc() ({ if (!pi_read) { pi = lookup_proc(tgid()); "
             "pi_read = 1; } pi; })",
         ]
         if any(s.match_namespaces for s in hook.selectors):  # only namespaces read the task
-            body.append("    void *task = (void *)bpf_get_current_task();")
+            body += [
+                "    void *task_v = 0;",
+                "    #define cur_task() ({ if (!task_v) "
+                "task_v = (void *)bpf_get_current_task(); task_v; })",
+            ]
         for slot in range(TP_MAX_ARGS):
             body.append(f"    int slen{slot} = 0; (void)slen{slot};")
+        decls, undefs = self._compare_buffers()
+        body += decls
         body.append("    int strs_read = 0;")
         reads = [_read_string(hook.args[s], s) for s in self.string_slots]
         body.append(
@@ -313,19 +457,16 @@ class _HookCompiler:
             + " ".join(reads)
             + " strs_read = 1; } 1; })"
         )
-        if hook.kind is HookKind.TRACEPOINT:
-            for slot, arg in enumerate(hook.args[:TP_MAX_ARGS]):
-                if arg.type is ArgType.INT:
-                    body.append(f"    e->ints[{slot}] = {_read_int(arg)};")
-                else:
-                    body.append(f"    e->ints[{slot}] = 0;")
         selectors = hook.selectors or (Selector(),)
         for sel_index, sel in enumerate(selectors):
             cond = self._selector_condition(sel_index, sel)
             body.append(f"    if ({cond}) {{")
             body += ["        " + line for line in self._actions(sel_index, sel.actions)]
             body.append("    }")
-        body += ["    #undef read_strs", "    #undef proc", "    return 0;", "}"]
+        body += ["    #undef read_strs", *undefs, "    #undef proc", "    #undef tgid"]
+        if any(s.match_namespaces for s in hook.selectors):
+            body.append("    #undef cur_task")
+        body += ["    return 0;", "}"]
         return "\n".join(body)
 
 

@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -199,3 +200,81 @@ def test_kprobe_policy_is_refused_with_the_missing_feature(agent: Agent) -> None
     assert info.value.name == "kprobe"
     assert "kprobe" in str(info.value)
     assert agent.loader.policies == {}
+
+
+def test_string_and_integer_selectors_match_exactly_in_the_kernel(
+    agent: Agent, cgroup: Path, workdir: Path
+) -> None:
+    """Equal, NotEqual, Prefix (compared in a small stack buffer of just the bytes needed),
+    Postfix (whole string), Mask (hoisted before the scope check when every selector has one),
+    and two long strings whose compare buffers exceed the stack budget (compared in the event):
+    exactly the opens and the rename that should match post, with their whole paths."""
+    w = str(workdir)
+    old = f"{w}/" + "r" * (127 - len(w) - 1)  # 127 bytes: the longest value a selector takes
+    new = f"{w}/" + "s" * (127 - len(w) - 1)
+    policy = {
+        "apiVersion": "cilium.io/v1alpha1",
+        "kind": "TracingPolicy",
+        "metadata": {"name": "selectors"},
+        "spec": {"tracepoints": [
+            {"subsystem": "syscalls", "event": "sys_enter_openat",
+             "args": [{"index": 6, "type": "string"}, {"index": 7, "type": "int"}],
+             "selectors": [
+                 {"matchArgs": [{"index": 6, "operator": "Equal", "values": [f"{w}/eq.txt"]}]},
+                 {"matchArgs": [{"index": 6, "operator": "Prefix", "values": [f"{w}/pre-"]}]},
+                 {"matchArgs": [{"index": 6, "operator": "Prefix", "values": [f"{w}/"]},
+                                {"index": 6, "operator": "Postfix", "values": [".post"]}]},
+                 {"matchArgs": [{"index": 6, "operator": "Prefix", "values": [f"{w}/ne-"]},
+                                {"index": 6, "operator": "NotEqual", "values": [f"{w}/ne-a"]}]},
+                 {"matchArgs": [{"index": 7, "operator": "Mask", "values": ["0x40"]},
+                                {"index": 6, "operator": "Prefix", "values": [f"{w}/creat-"]}]},
+             ]},
+            {"subsystem": "syscalls", "event": "sys_enter_openat",
+             "args": [{"index": 6, "type": "string"}, {"index": 7, "type": "int"}],
+             "selectors": [
+                 {"matchArgs": [{"index": 7, "operator": "Mask", "values": ["0x40"]},
+                                {"index": 6, "operator": "Equal", "values": [f"{w}/only"]}]},
+             ]},
+            {"subsystem": "syscalls", "event": "sys_enter_rename",
+             "args": [{"index": 5, "type": "string"}, {"index": 6, "type": "string"}],
+             "selectors": [
+                 {"matchArgs": [{"index": 5, "operator": "Equal", "values": [old]},
+                                {"index": 6, "operator": "Equal", "values": [new]}]},
+             ]},
+        ]},
+    }
+    agent.load(policy)
+    hook = agent.loader.policies["selectors"].compiled.c_text
+    assert "u64 *cmp1 = (u64 *)e->strs[1];" in hook  # the rename hook's second buffer
+    assert "if (!(" in hook  # the Mask-only hook is hoisted before the scope check
+    opens = ["eq.txt", "eq.txtx", "eq.tx", "pre-1", "pre", "a.post", "a.pos", "ne-a", "ne-b",
+             "ne-"]
+    script = "\n".join([
+        "import os",
+        f"w = {w!r}",
+        f"for name in {opens!r}:",
+        "    try: os.close(os.open(w + '/' + name, os.O_RDONLY))",
+        "    except OSError: pass",
+        "os.close(os.open(w + '/creat-1', os.O_CREAT | os.O_WRONLY))",
+        "os.close(os.open(w + '/creat-1', os.O_RDONLY))",
+        "os.close(os.open(w + '/only', os.O_CREAT | os.O_WRONLY))",
+        "os.close(os.open(w + '/only', os.O_RDONLY))",
+        f"open({old!r}, 'w').close()",
+        f"os.rename({old!r}, {new!r})",  # matches
+        f"os.rename({new!r}, {old!r})",
+        f"os.rename({old!r}, {new[:-1] + 't'!r})",  # differs in the last byte only
+    ])
+    proc = subprocess.run(["/bin/sh", "-c", f"echo $$ > {cgroup}/cgroup.procs && "
+                           f"exec {sys.executable} -c \"$1\"", "sh", script],
+                          timeout=30, check=False)
+    assert proc.returncode == 0
+
+    def hits(events: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+        return sorted(tuple(a.get("string_arg", "") for a in e["process_tracepoint"]["args"]
+                            if "string_arg" in a)
+                      for e in events if "process_tracepoint" in e)
+
+    matched = ("eq.txt", "pre-1", "a.post", "ne-b", "ne-", "creat-1", "only")
+    expected = sorted([(f"{w}/{n}",) for n in matched] + [(old, new)])
+    agent.wait_for(lambda evs: len(hits(evs)) >= len(expected))
+    assert hits(agent.events) == expected

@@ -3,6 +3,7 @@ a tiny interpreter for the string conditions), BTF offsets from raw dump text.""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,22 +111,57 @@ def test_binary_sets_become_map_contents() -> None:
 
 
 def test_a_non_matching_event_leaves_by_the_cheapest_check_first() -> None:
-    """Scope, then binary, then args; the process map is read only when a selector needs it and
-    the path string only when an argument check does."""
+    """Integer args, scope, then string args, then binary; the process map is read only when a
+    selector needs it, the path only as many bytes as the compare needs (into the stack), and
+    the per-CPU event is looked up only by a selector that posts."""
     cp = compiled({"matchBinaries": [{"operator": "In", "values": ["/bin/cat"]}],
-                   "matchArgs": [{"index": 6, "operator": "Prefix", "values": ["/etc/"]}]})
+                   "matchArgs": [{"index": 6, "operator": "Prefix", "values": ["/etc/"]},
+                                 {"index": 7, "operator": "Mask", "values": ["0x40"]}]})
     text = cp.c_text  # type: ignore[attr-defined]
     hook = text[text.index("int hook_0"):]
-    scope, binary, args = (hook.index("node_cgroup.check_current_task"),
-                           hook.index("bins_0_0_0.lookup"), hook.index("(read_strs() &&"))
-    assert scope < binary < args
+    prefilter, scope, args, binary = (hook.index("if (!((((a1 & (u64)64ULL) != 0))))"),
+                                      hook.index("node_cgroup.check_current_task"),
+                                      hook.index("(cmp_read0() &&"),
+                                      hook.index("bins_0_0_0.lookup"))
+    assert prefilter < scope < args < binary
     assert "ciliate_procs.lookup" not in hook
     lookups = [i for i in range(len(hook)) if hook.startswith("lookup_proc(", i)]
     assert len(lookups) == 1 and "#define proc()" in hook[lookups[0] - 80 : lookups[0]]
+    assert "u64 cmp0[1] = {};" in hook and "bpf_probe_read_user_str(cmp0, 6," in hook
     only_args = compiled({"matchArgs": [{"index": 6, "operator": "Prefix",
                                          "values": ["/nonexistent/"]}]}).c_text  # type: ignore
-    condition = only_args[only_args.index("    if ((read_strs()"):]
-    assert "proc()" not in condition.split("{", 1)[0]
+    reject = only_args[only_args.index("int hook_0"):only_args.index("    if ((cmp_read0()")]
+    condition = only_args[only_args.index("    if ((cmp_read0()"):].split("{", 1)[0]
+    assert "proc()" not in condition and "tgid()" not in condition
+    assert "tp_scratch.lookup" not in reject and "struct ev_tp *e = 0;" in reject
+    assert "if (!(" not in reject  # no integer test to hoist
+
+
+def test_postfix_reads_the_whole_string_into_the_event() -> None:
+    text = compiled({"matchArgs": [{"index": 6, "operator": "Postfix",
+                                    "values": [".so"]}]}).c_text  # type: ignore[attr-defined]
+    hook = text[text.index("int hook_0"):]
+    assert hook.index("tp_scratch.lookup") < hook.index("(read_strs() && ((slen0 >= 3")
+    assert "cmp_read0" not in hook
+
+
+def test_long_compares_beyond_the_stack_budget_use_the_event() -> None:
+    long = ["/" + "x" * 120]
+    cp = compiled({"matchArgs": [{"index": 6, "operator": "Equal", "values": long}]})
+    hook = cp.c_text[cp.c_text.index("int hook_0"):]  # type: ignore[attr-defined]
+    assert "u64 cmp0[16] = {};" in hook  # 121 bytes + NUL + 1: 123 bytes, 16 words
+    spec = parse_policy({"metadata": {"name": "p"}, "spec": {"tracepoints": [{
+        "subsystem": "syscalls", "event": "sys_enter_openat",
+        "args": [{"index": 6, "type": "string"}, {"index": 5, "type": "int"}],
+        "selectors": [{"matchArgs": [{"index": 6, "operator": "Equal", "values": long}]},
+                      {"matchArgs": [{"index": 6, "operator": "Prefix", "values": long}]}]},
+        {"subsystem": "syscalls", "event": "sys_enter_openat",
+         "args": [{"index": 6, "type": "string"}],
+         "selectors": [{"matchArgs": [{"index": 6, "operator": "Equal", "values": long}]}]}]}},
+        lambda s, e: FORMAT)
+    text = compile_policy(spec, (BPF / "policy.c").read_text(), (BPF / "common.h").read_text(),
+                          7).c_text
+    assert text.count("u64 cmp0[16] = {};") == 2  # one slot per hook, sized for both selectors
 
 
 def test_namespaced_policy_is_restricted_to_allowed_cgroups() -> None:
@@ -139,32 +175,54 @@ def test_namespaces_need_btf_offsets() -> None:
         compiled({"matchNamespaces": [{"namespace": "Net", "operator": "In", "values": [1]}]})
 
 
-def _eval_string_condition(condition: str, value: bytes) -> bool:
-    """Evaluate the generated C for one string slot in Python: the C is simple enough."""
-    buf = value + b"\0" * (256 - len(value))
-    expr = condition.replace("read_strs() && ", "").replace("&&", " and ").replace(
-        "||", " or ").replace("!(", " not (")
-    expr = expr.replace("e->strs[0]", "buf").replace("slen0", str(len(value)))
-    signed = [b if b < 128 else b - 256 for b in buf]
-    return bool(eval(expr, {"buf": signed}))
+def _eval_string_condition(condition: str, value: bytes, read_size: int, garbage: int) -> bool:
+    """Evaluate the generated C for one string slot in Python, on a buffer filled as
+    bpf_probe_read_user_str(buf, read_size, src) leaves it: at most read_size - 1 characters, a
+    NUL, and whatever was there before past it (``garbage``)."""
+    copied = value[: read_size - 1] + b"\0"
+    raw = copied + bytes([garbage]) * (8 * 32 - len(copied))
+    words = [int.from_bytes(raw[k : k + 8], sys.byteorder) for k in range(0, len(raw), 8)]
+    expr = condition.replace("&&", " and ").replace("||", " or ").replace("!(", " not (")
+    expr = expr.replace("ULL", "").replace("cmp0", "buf")
+    return bool(eval(expr, {"buf": words}))
 
 
 @given(st.binary(min_size=0, max_size=40).filter(lambda b: b"\0" not in b),
-       st.sampled_from(["Equal", "NotEqual", "Prefix", "Postfix"]),
-       st.lists(st.binary(min_size=1, max_size=8).filter(lambda b: b"\0" not in b),
-                min_size=1, max_size=3))
-def test_string_operators_match_tetragon_semantics(value: bytes, op: str,
-                                                   values: list[bytes]) -> None:
-    from services.security.core.compile import _string_condition
+       st.sampled_from(["Equal", "NotEqual", "Prefix"]),
+       st.lists(st.binary(min_size=1, max_size=20).filter(lambda b: b"\0" not in b),
+                min_size=1, max_size=3),
+       st.integers(min_value=0, max_value=255), st.integers(min_value=0, max_value=8))
+def test_string_operators_match_tetragon_semantics(value: bytes, op: str, values: list[bytes],
+                                                   garbage: int, extra: int) -> None:
+    """The compare buffer holds only compare_read_size bytes (or more, when another selector
+    on the same argument needs more): the result is exact either way, whatever lies past the
+    NUL."""
+    from services.security.core.compile import _compare_condition, compare_read_size
     from services.security.core.spec import ArgOperator
 
     texts = [v.decode("latin-1") for v in values]
-    cond = _string_condition(ArgOperator(op), 0, tuple(texts))
+    operator = ArgOperator(op)
+    cond = _compare_condition(operator, "cmp0", tuple(texts))
     raw = [t.encode() for t in texts]
     expected = {
         "Equal": any(value == v for v in raw),
         "NotEqual": all(value != v for v in raw),
         "Prefix": any(value.startswith(v) for v in raw),
-        "Postfix": any(value.endswith(v) for v in raw),
     }[op]
-    assert _eval_string_condition(cond, value) == expected
+    size = compare_read_size(operator, tuple(texts)) + extra
+    assert _eval_string_condition(cond, value, size, garbage) == expected
+
+
+@given(st.binary(min_size=0, max_size=40).filter(lambda b: b"\0" not in b),
+       st.lists(st.binary(min_size=1, max_size=8).filter(lambda b: b"\0" not in b),
+                min_size=1, max_size=3))
+def test_postfix_matches_tetragon_semantics(value: bytes, values: list[bytes]) -> None:
+    from services.security.core.compile import _postfix_condition
+
+    texts = [v.decode("latin-1") for v in values]
+    cond = _postfix_condition(0, tuple(texts))
+    buf = value + b"\0" * (256 - len(value))
+    expr = cond.replace("&&", " and ").replace("||", " or ")
+    expr = expr.replace("e->strs[0]", "buf").replace("slen0", str(len(value)))
+    signed = [b if b < 128 else b - 256 for b in buf]
+    assert bool(eval(expr, {"buf": signed})) == any(value.endswith(t.encode()) for t in texts)
