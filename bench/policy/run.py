@@ -177,6 +177,7 @@ async def incremental(seed: int, samples: int, state: Path) -> dict[str, Any]:
     own: list[float] = []
     settled: list[float] = []
     inside: list[float] = []  # the service's own measure: identity event -> put acknowledged
+    admit: list[float] = []  # compile of the new identity's own map, in the service
     rss_by_sample: dict[int, float] = {}  # VmHWM after that many new identities
     for n in range(samples):
         ident = 100_000 + n
@@ -204,9 +205,11 @@ async def incremental(seed: int, samples: int, state: Path) -> dict[str, Any]:
             await asyncio.sleep(0.002)
         settled.append(time.perf_counter() - t0)
         inside.append(float(now.get("own_map_ms", 0.0)))
+        admit.append(float(now.get("admit_ms", 0.0)))
         if n + 1 in (1, 10, 25, 50, 100, 200, 400, samples):
             rss_by_sample[n + 1] = vm_hwm_mb(service.pid)
-        print(f"sample {n}: own {own[-1] * 1000:.1f} ms (in the service {inside[-1]:.1f} ms), "
+        print(f"sample {n}: own {own[-1] * 1000:.1f} ms (in the service {inside[-1]:.1f} ms, "
+              f"its compile {admit[-1]:.1f} ms), "
               f"all deltas {settled[-1] * 1000:.0f} ms", file=sys.stderr)
     service_peak_mb = vm_hwm_mb(service.pid)
     final = await status()
@@ -245,6 +248,10 @@ async def incremental(seed: int, samples: int, state: Path) -> dict[str, Any]:
         "own_entries_p99_ms": pct(own_ms, 0.99),
         "own_entries_in_service_p50_ms": pct(sorted(inside), 0.5),
         "own_entries_in_service_p99_ms": pct(sorted(inside), 0.99),
+        "own_compile_in_service_p50_ms": pct(sorted(admit), 0.5),
+        "own_compile_in_service_p99_ms": pct(sorted(admit), 0.99),
+        "service_gc_pause_max_ms": final.get("gc_pause_max_ms"),
+        "service_gc_full_collections": final.get("gc_full"),
         "all_deltas_p50_ms": pct(settled_ms, 0.5),
         "all_deltas_p99_ms": pct(settled_ms, 0.99),
     }

@@ -9,6 +9,7 @@ that disappeared. See docs/policy.md for revisions, replicas, overflow and CIDR 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import time
@@ -207,7 +208,26 @@ class PolicyService:
         ctx.spawn(self._poll_db(), name="poll:policies")
         for n in range(PUBLISH_CONCURRENCY):
             ctx.spawn(self._publish_worker(), name=f"publish:{n}")
+        self._gc_started = 0.0
+        gc.callbacks.append(self._gc_pause)
+
+        async def forget_gc() -> None:
+            if self._gc_pause in gc.callbacks:
+                gc.callbacks.remove(self._gc_pause)
+
+        ctx.on_shutdown(forget_gc)
         self._update_status()
+
+    def _gc_pause(self, phase: str, info: dict[str, int]) -> None:
+        """Longest collector pause (a new pod's map waits through it), in the status."""
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        pause = (time.perf_counter() - self._gc_started) * 1000
+        if pause > self.stats.get("gc_pause_max_ms", 0.0):
+            self.stats["gc_pause_max_ms"] = round(pause, 2)
+        if info.get("generation") == 2:
+            self.stats["gc_full"] = self.stats.get("gc_full", 0) + 1
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -407,6 +427,11 @@ class PolicyService:
                                            capacity=self.capacity)
                 self.engine.compile_all()
                 full = True
+                # The compiled maps are millions of long-lived objects: out of the collector's
+                # sight, a full collection does not walk them all (~100-200 ms) while a new
+                # pod waits on its map.
+                gc.collect()
+                gc.freeze()
             else:
                 touched |= set(self.engine.replace_policies(policy_set, self._cidr_id))
         engine = self.engine
@@ -424,7 +449,9 @@ class PolicyService:
             if current == labels:
                 continue
             self._peer_work.pop(ident, None)
+            admitted = time.perf_counter()
             deltas, work = engine.admit_identity(ident, labels, self.named_ports.get(ident))
+            self.stats["admit_ms"] = round((time.perf_counter() - admitted) * 1000, 2)
             touched |= set(deltas)
             if work.locals:
                 self._peer_work[ident] = work

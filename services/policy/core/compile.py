@@ -201,6 +201,9 @@ class SelectorCache:
         self.identities: dict[int, LabelSet] = {}
         self.cidrs: dict[int, Network] = {}
         self._selections: dict[CompiledSelector, set[int]] = {}
+        self._by_object: dict[int, tuple[CompiledSelector, set[int]]] = {}
+        """id(selector) -> (selector, its selection): rules keep their selector objects, and
+        hashing a selector (nested frozen dataclasses) on every lookup cost ~3 ms a new pod."""
         self._all: set[int] = set()
         self._by_key: dict[tuple[str | None, str], set[int]] = {}
         self._by_value: dict[tuple[str | None, str, str], set[int]] = {}
@@ -240,6 +243,9 @@ class SelectorCache:
         return hits if req.operator is Operator.IN else self._all - hits
 
     def select(self, selector: CompiledSelector) -> set[int]:
+        known = self._by_object.get(id(selector))
+        if known is not None and known[0] is selector:
+            return known[1]
         found = self._selections.get(selector)
         if found is None:
             found = set(self._all)
@@ -248,6 +254,7 @@ class SelectorCache:
                 if not found:
                     break
             self._selections[selector] = found
+        self._by_object[id(selector)] = (selector, found)  # the same set: add/remove keep it
         return found
 
     def add(self, ident: int, labels: LabelSet) -> list[CompiledSelector]:
@@ -396,6 +403,23 @@ class PolicyEngine:
         self._rule_index: dict[int, list[Rule]] | None = None
         self._enf_index: dict[int, list[Enforcement]] | None = None
         self._every_port: dict[tuple[str, int], frozenset[int]] | None = None
+
+    def _extend_contributions(self, rules: Iterable[Rule]) -> None:
+        """Rules whose peers grew (an identity came): add the new peers' entries to their
+        cached contributions instead of dropping them (entries of different peers never
+        interact), so the next compile of their subjects does not rebuild them whole."""
+        for rule in rules:
+            old_peers = self._peer_sets.pop(rule, None)
+            cached = self._contrib.pop(rule, None)
+            if old_peers is None or cached is None:
+                continue
+            peers = self._rule_peers(rule)
+            if not old_peers <= peers:
+                continue  # a peer left too: rebuilt on demand
+            added = peers - old_peers
+            if added:  # cached contributions have no named ports: the local is not used
+                cached = {**cached, **self._rule_entries(rule, ANY_PEER, sorted(added))}
+            self._contrib[rule] = cached
 
     def _invalidate(self, rules: Iterable[Rule] = (), *, selections: bool = True) -> None:
         for rule in rules:
@@ -607,7 +631,7 @@ class PolicyEngine:
             if peer_hit:
                 hit.append(rule)
                 affected |= self.cache.select(rule.subject)
-        self._invalidate(hit, selections=False)
+        self._extend_contributions(hit)
         self._index_new(ident)
         required = any(rule.requires for rule in hit)
         if CLUSTER_IDENTITY_MIN <= ident < CIDR_IDENTITY_BASE:
@@ -729,7 +753,8 @@ class PolicyEngine:
         for local in sorted(locals_):
             new = self.compile_identity(local)
             old = self.compiled.get(local)
-            delta = diff_entries(old.entries if old else {}, new.entries)
+            delta = (diff_entries(old.entries, new.entries) if old is not None
+                     else EntryDelta(dict(new.entries), set()))
             self.compiled[local] = new
             if delta or old is None or old.enforce != new.enforce:
                 deltas[local] = delta
