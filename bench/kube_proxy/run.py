@@ -226,10 +226,13 @@ def bpf_memlock_kb(pins: Path) -> int:
 
 
 class Bench:
-    def __init__(self, seconds: float, reps: int, tools: Path) -> None:
+    def __init__(self, seconds: float, reps: int, tools: Path,
+                 modes: tuple[str, ...] = (), client_node: str = "n2") -> None:
         self.seconds = seconds
         self.reps = reps
         self.tools = tools
+        self.modes = modes or tuple(k for k, _label in MODES)
+        self.client_node = client_node
         self.salt = "k" + secrets.token_hex(3)
         self.cluster = DevCluster(salt=self.salt)
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -249,7 +252,9 @@ class Bench:
             assert p.stdout is not None
             p.stdout.readline()
             self.procs.append(p)
-        self.client = c.add_pod("n2", "bench", "client", "10.244.2.10", [], [])
+        self.client = c.add_pod(self.client_node, "bench", "client",
+                                "10.244.1.20" if self.client_node == "n1" else "10.244.2.10",
+                                [], [])
         n2 = c.nodes["n2"]
         subprocess.run(["ip", "netns", "exec", n2.netns, "ip", "route", "add",
                         "10.100.0.0/16", "via", c.nodes["n1"].ip], check=True)
@@ -283,7 +288,8 @@ class Bench:
 
     @property
     def n2ns(self) -> str:
-        return self.cluster.nodes["n2"].netns
+        """Where kube-proxy's rules go: the client's node (PREROUTING sees the pod's packets)."""
+        return self.cluster.nodes[self.client_node].netns
 
     def in_client(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.client.netns, *args]
@@ -351,9 +357,16 @@ class Bench:
         res: dict[str, Any] = {"services": n}
         positions = {"start": 0, "middle": n // 2, "end": n - 1}
         res["direct"] = {"conn_per_s": self.rate(REAL[0], 8080)}
-        res["socket_lb"] = self.ciliate(n, kv, extra_kv, "n2", socket=True)
-        res["tc_lb"] = self.ciliate(n, kv, extra_kv, "n1", socket=False)
+        res["client_node"] = self.client_node
+        if "socket_lb" in self.modes:
+            res["socket_lb"] = self.ciliate(n, kv, extra_kv, self.client_node, socket=True)
+        if "tc_lb" in self.modes and self.client_node == "n1":
+            res["tc_lb"] = {"error": "n/a: the tc LB needs a client on another node"}
+        elif "tc_lb" in self.modes:
+            res["tc_lb"] = self.ciliate(n, kv, extra_kv, "n1", socket=False)
         for tool in ("iptables-legacy", "iptables-nft"):
+            if tool not in self.modes:
+                continue
             m0 = kernel_mem_kb()
             # The first load without --noflush: iptables-nft-restore --noflush of 10,000
             # Services ran for more than 7 minutes here; partial restores use it, as
@@ -369,6 +382,8 @@ class Bench:
             res[tool] = {"conn_per_s": rates["end"], "by_position": rates,
                          "full_restore_s": load, "change_ms": lat, "kernel_mem_kb": mem}
             self.flush_rules()
+        if "nftables" not in self.modes:
+            return res
         m0 = kernel_mem_kb()
         load = self.ns_run("nft", "-f", "-", stdin=nft_rules(n), timeout=1200)
         mem = kernel_mem_kb() - m0
@@ -385,7 +400,7 @@ class Bench:
                 extra_kv: list[dict[str, dict[str, Any]]], node: str,
                 socket: bool) -> dict[str, Any]:
         lb = self.lbs[node]
-        cg = CGROUP_ROOT / (self.salt + "n2")
+        cg = CGROUP_ROOT / (self.salt + self.client_node)
         m0 = kernel_mem_kb()
         t = time.perf_counter()
         lb.sync(kv)
@@ -430,10 +445,13 @@ def table(results: list[dict[str, Any]]) -> str:
              "load s | kernel mem KiB |", "|---|---|---|---|---|---|---|"]
     for r in results:
         direct = r["direct"]["conn_per_s"]
+        size = f"{r['services']:,}" + (" (same node)" if r.get("client_node") == "n1" else "")
         for key, label in MODES:
             m = r.get(key)
             if m is None or "conn_per_s" not in m:
-                lines.append(f"| {r['services']:,} | {label} | failed: "
+                if m is None:
+                    continue
+                lines.append(f"| {size} | {label} | failed: "
                              f"{(m or {}).get('error', 'not run')} | | | | |")
                 continue
             ch = (f"{statistics.median(m['change_ms']):.1f} / {p(m['change_ms'], .99):.1f}"
@@ -442,7 +460,7 @@ def table(results: list[dict[str, Any]]) -> str:
             mem = m.get("kernel_mem_kb", "")
             if "bpf_memlock_kb" in m:
                 mem = f"{mem} (maps {m['bpf_memlock_kb']})"
-            lines.append(f"| {r['services']:,} | {label} | {m['conn_per_s']:,.0f} | "
+            lines.append(f"| {size} | {label} | {m['conn_per_s']:,.0f} | "
                          f"{100 * m['conn_per_s'] / direct:.0f}% | {ch} | "
                          f"{'' if load is None else f'{load:.2f}'} | {mem} |")
     return "\n".join(lines)
@@ -503,6 +521,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10, help="changes timed per mode and size")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plots", type=Path, default=REPO / "docs" / "img")
+    ap.add_argument("--modes", default="",
+                    help="comma list of " + ",".join(k for k, _l in MODES[1:])
+                    + " (direct always runs); default all")
+    ap.add_argument("--client-node", choices=("n2", "n1"), default="n2",
+                    help="n2: client pod on the other node (pod -> n2 -> bridge -> n1 -> "
+                    "backend); n1: client pod beside the backends (pod -> n1 -> backend), "
+                    "kube-proxy's rules and the socket LB on n1, no tc LB")
     ap.add_argument("--merge", type=Path, default=None,
                     help="JSON lines of earlier sizes' results to include in the table")
     args = ap.parse_args()
@@ -510,7 +535,12 @@ def main() -> None:
     results = ([json.loads(line) for line in args.merge.read_text().splitlines()
                 if line.startswith("{")] if args.merge else [])
     with compiled_tools() as tools:
-        bench = Bench(args.seconds, args.reps, tools)
+        modes = tuple(m for m in args.modes.split(",") if m)
+        unknown = set(modes) - {k for k, _l in MODES}
+        if unknown:
+            ap.error(f"unknown modes: {', '.join(sorted(unknown))}")
+        bench = Bench(args.seconds, args.reps, tools, ("direct", *modes) if modes else (),
+                      args.client_node)
         try:
             bench.setup()
             for n in (int(s) for s in args.sizes.split(",")):
