@@ -32,10 +32,14 @@ from services.policy.core.spec import (
     Rule,
 )
 
+FQDN_SOURCE = "fqdn"
+
 ANY_PEER = 0
 DEFAULT_MAP_CAPACITY = 16384
 HTTP_PROXY_PORT = 15001
-"""The L7 (HTTP) proxy listener every redirect entry points to."""
+"""The L7 (HTTP) proxy listener every ``rules.http`` redirect entry points to."""
+DNS_PROXY_PORT = 15053
+"""The node's DNS proxy listener every ``rules.dns`` redirect entry points to."""
 
 R = ReservedIdentity
 ENTITY_RESERVED: dict[str, tuple[ReservedIdentity, ...]] = {
@@ -200,6 +204,8 @@ class SelectorCache:
     def __init__(self, identities: Mapping[int, LabelSet]) -> None:
         self.identities: dict[int, LabelSet] = {}
         self.cidrs: dict[int, Network] = {}
+        self.fqdns: dict[int, tuple[str, ...]] = {}
+        """CIDR identities learned from DNS answers -> their ``fqdn:`` names (toFQDNs)."""
         self._selections: dict[CompiledSelector, set[int]] = {}
         self._by_object: dict[int, tuple[CompiledSelector, set[int]]] = {}
         """id(selector) -> (selector, its selection): rules keep their selector objects, and
@@ -215,6 +221,9 @@ class SelectorCache:
         prefix = cidr_of(labels)
         if prefix is not None:
             self.cidrs[ident] = ipaddress.ip_network(prefix)
+        names = fqdn_names(labels)
+        if names:
+            self.fqdns[ident] = names
         if is_cidr_identity(ident):
             return
         self._all.add(ident)
@@ -226,6 +235,7 @@ class SelectorCache:
     def _unindex(self, ident: int) -> None:
         labels = self.identities.pop(ident, None)
         self.cidrs.pop(ident, None)
+        self.fqdns.pop(ident, None)
         self._all.discard(ident)
         for label in labels or ():
             for source in (None, label.source):
@@ -294,6 +304,15 @@ def cidr_prefixes(policies: PolicySet) -> set[str]:
     return out
 
 
+def fqdn_names(labels: LabelSet) -> tuple[str, ...]:
+    """The names of an identity's ``fqdn:`` labels (``fqdn:NAME``: the key is the name)."""
+    return tuple(sorted(label.key for label in labels if label.source == FQDN_SOURCE))
+
+
+def fqdn_peer_hit(peer: Peer, names: Iterable[str]) -> bool:
+    return peer.fqdn is not None and any(peer.fqdn.matches(n) for n in names)
+
+
 def peer_identities(peer: Peer, cache: SelectorCache) -> set[int]:
     """The identities a peer selects; {0} for the wildcard."""
     if peer.kind is PeerKind.WILDCARD:
@@ -316,6 +335,10 @@ def peer_identities(peer: Peer, cache: SelectorCache) -> set[int]:
                 if version is None or net.version == version
             }  # fmt: skip
         return out
+    if peer.kind is PeerKind.FQDN:
+        # Cilium: an FQDN selector selects the identities of the IPs learned for names that
+        # match it; those IPs' identities carry one fqdn: label per name.
+        return {i for i, names in cache.fqdns.items() if fqdn_peer_hit(peer, names)}
     net = ipaddress.ip_network(peer.cidr)
     excepts = [ipaddress.ip_network(e) for e in peer.excepts]
     out = set()
@@ -385,7 +408,8 @@ class PolicyEngine:
         self.allow_host_ingress = allow_host_ingress
         identities = dict(world.identities)
         self.ipcache: dict[str, int] = {}
-        known = {cidr_of(labels): i for i, labels in identities.items() if cidr_of(labels)}
+        known = {cidr_of(labels): i for i, labels in identities.items()
+                 if cidr_of(labels) and not fqdn_names(labels)}
         for prefix in sorted(cidr_prefixes(policies)):
             ident = known.get(prefix)
             if ident is None:
@@ -400,6 +424,10 @@ class PolicyEngine:
         # selects, unless it names ports or another rule of the local has requirements).
         self._peer_sets: dict[Rule, frozenset[int]] = {}
         self._contrib: dict[Rule, Entries] = {}
+        self._peer_part: dict[Rule, tuple[frozenset[int], int, Entries]] = {}
+        """Rule -> (its peer set, a peer, the rule's entries for that peer alone): a new
+        identity's entries are the same in every local the rule selects (~20), so its
+        propagation builds them once a rule and the maps share the key and value objects."""
         self._rule_index: dict[int, list[Rule]] | None = None
         self._enf_index: dict[int, list[Enforcement]] | None = None
         self._every_port: dict[tuple[str, int], frozenset[int]] | None = None
@@ -468,7 +496,9 @@ class PolicyEngine:
     def _rule_entries(self, rule: Rule, local: int, peers: Iterable[int]) -> Entries:
         """The entries one rule gives ``local`` for ``peers`` (one shared value object: values
         are never mutated once made, merges build new ones)."""
-        proxy = HTTP_PROXY_PORT if rule.http and not rule.deny else 0
+        proxy = 0
+        if not rule.deny:
+            proxy = DNS_PROXY_PORT if rule.dns else HTTP_PROXY_PORT if rule.http else 0
         value = EntryValue(rule.deny, proxy, {rule.cookie})
         named = any(isinstance(spec.port, str) for spec in rule.ports)
         static = None
@@ -492,15 +522,24 @@ class PolicyEngine:
     def _contribution(
         self, rule: Rule, local: int, requires: list[CompiledSelector], only_peer: int | None
     ) -> Entries:
-        peers: Iterable[int] = self._rule_peers(rule)
+        rule_peers = self._rule_peers(rule)
+        peers: Iterable[int] = rule_peers
         filtered = bool(requires) and not rule.deny
+        named = any(isinstance(s.port, str) for s in rule.ports)
+        if only_peer is not None and not filtered and not named:
+            part = self._peer_part.get(rule)
+            if part is None or part[0] is not rule_peers or part[1] != only_peer:
+                wanted = [only_peer] if only_peer in rule_peers else []
+                part = (rule_peers, only_peer, self._rule_entries(rule, local, wanted))
+                self._peer_part[rule] = part
+            return part[2]
         if only_peer is not None:
             peers = [only_peer] if only_peer in peers else []
         if filtered:
             for sel in requires:
                 matched = self.cache.select(sel)
                 peers = [p for p in peers if p == ANY_PEER or p in matched]
-        if only_peer is not None or filtered or any(isinstance(s.port, str) for s in rule.ports):
+        if only_peer is not None or filtered or named:
             return self._rule_entries(rule, local, peers)
         cached = self._contrib.get(rule)
         if cached is None:
@@ -536,9 +575,10 @@ class PolicyEngine:
                     entries[k] = old.merged(contrib[k])
             else:
                 entries.update(contrib)
-            if rule.http and not rule.deny:
+            if (rule.http or rule.dns) and not rule.deny:
+                items = rule.http + rule.dns
                 for key in contrib:
-                    l7.setdefault(key, []).append((rule.cookie, rule.http))
+                    l7.setdefault(key, []).append((rule.cookie, items))
         state = self.enforcement_for(local)
         enforce = {d: state[d] is not None for d in Direction}
         if only_peer is None:
@@ -619,6 +659,7 @@ class PolicyEngine:
             self._every_port = None
         changed = set(self.cache.add(ident, labels))
         cidr = is_cidr_identity(ident)
+        names = self.cache.fqdns.get(ident, ())
         affected: set[int] = set()
         hit: list[Rule] = []
         for rule in self.policies.rules:
@@ -626,6 +667,7 @@ class PolicyEngine:
                 p.selector in changed
                 or p.kind is PeerKind.ENTITY
                 or (cidr and p.kind is PeerKind.CIDR)
+                or (bool(names) and p.kind is PeerKind.FQDN and fqdn_peer_hit(p, names))
                 for p in rule.peers
             ) or any(s in changed for s in rule.requires)
             if peer_hit:
@@ -716,7 +758,8 @@ class PolicyEngine:
         """
         old_rules, new_rules = set(self.policies.rules), set(policies.rules)
         old_enf, new_enf = set(self.policies.enforcements), set(policies.enforcements)
-        known = {c: i for i, labels in self.cache.identities.items() if (c := cidr_of(labels))}
+        known = {c: i for i, labels in self.cache.identities.items()
+                 if (c := cidr_of(labels)) and not fqdn_names(labels)}  # FQDN ones come and go
         ipcache: dict[str, int] = {}
         added_cidr = False
         for prefix in sorted(cidr_prefixes(policies)):
