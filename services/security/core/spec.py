@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from ciliate.resources.base import FieldError, ResourceError, validate_model
 from ciliate.resources.tracingpolicy import TracingPolicy, TracingPolicyNamespaced
@@ -23,6 +23,8 @@ MAX_MATCH_ARGS = 5
 MAX_MATCH_VALUES = 8
 MAX_STRING_VALUE = 127
 """Longest string a selector compares (the BPF program reads 256 bytes of an argument)."""
+
+_E = TypeVar("_E", bound=StrEnum)
 
 FormatSource = Callable[[str, str], str | None]
 """(subsystem, event) -> the tracefs format text, or None when the kernel has no such event."""
@@ -271,6 +273,36 @@ def _as_int(value: Any, path: str, errors: _Errors) -> int | None:
     return None
 
 
+def _enum_field(item: Mapping[str, Any], key: str, enum: type[_E], path: str, errors: _Errors,
+                what: str = "operator", verb: str = "unknown") -> _E | None:
+    """``item[key]`` as a member of ``enum``, or None with an error naming the allowed values."""
+    raw = item.get(key)
+    try:
+        return enum(str(raw))
+    except ValueError:
+        allowed = ", ".join(member.value for member in enum)
+        errors.add(f"{path}.{key}", f"{verb} {what} {raw!r} (one of {allowed})")
+        return None
+
+
+def _int_values(item: Mapping[str, Any], path: str, errors: _Errors) -> tuple[int, ...]:
+    """``item["values"]`` as integers; each bad value is an error naming its index."""
+    raw = _as_list(item.get("values"), f"{path}.values", errors)
+    parsed = [_as_int(v, f"{path}.values[{j}]", errors) for j, v in enumerate(raw)]
+    return tuple(v for v in parsed if v is not None)
+
+
+def _mappings(raw: list[Any], path: str, errors: _Errors) -> list[tuple[str, dict[str, Any]]]:
+    """The list's items that are mappings, with their paths; any other item is an error."""
+    out = []
+    for i, item in enumerate(raw):
+        if isinstance(item, dict):
+            out.append((f"{path}[{i}]", item))
+        else:
+            errors.add(f"{path}[{i}]", "must be a mapping")
+    return out
+
+
 def _parse_args(
     raw: list[Any], path: str, errors: _Errors, fmt: TracepointFormat | None
 ) -> tuple[ArgSpec, ...]:
@@ -341,11 +373,7 @@ def _parse_match_args(
         return ()
     by_index = {a.index: a for a in args}
     out: list[MatchArg] = []
-    for i, item in enumerate(raw):
-        mpath = f"{path}[{i}]"
-        if not isinstance(item, dict):
-            errors.add(mpath, "must be a mapping")
-            continue
+    for mpath, item in _mappings(raw, path, errors):
         index = _as_int(item.get("index"), f"{mpath}.index", errors)
         if index is None:
             continue
@@ -357,14 +385,8 @@ def _parse_match_args(
                 f"({sorted(by_index) or 'none declared'})",
             )
             continue
-        op_name = item.get("operator")
-        try:
-            op = ArgOperator(str(op_name))
-        except ValueError:
-            errors.add(
-                f"{mpath}.operator",
-                f"unknown operator {op_name!r} (one of {', '.join(o.value for o in ArgOperator)})",
-            )
+        op = _enum_field(item, "operator", ArgOperator, mpath, errors)
+        if op is None:
             continue
         if arg.type not in ARG_OPERATOR_TYPES[op]:
             errors.add(
@@ -398,19 +420,9 @@ def _parse_match_args(
 
 def _parse_binaries(raw: list[Any], path: str, errors: _Errors) -> tuple[MatchBinaries, ...]:
     out: list[MatchBinaries] = []
-    for i, item in enumerate(raw):
-        bpath = f"{path}[{i}]"
-        if not isinstance(item, dict):
-            errors.add(bpath, "must be a mapping")
-            continue
-        try:
-            op = BinaryOperator(str(item.get("operator")))
-        except ValueError:
-            errors.add(
-                f"{bpath}.operator",
-                f"unknown operator {item.get('operator')!r} "
-                f"(one of {', '.join(o.value for o in BinaryOperator)})",
-            )
+    for bpath, item in _mappings(raw, path, errors):
+        op = _enum_field(item, "operator", BinaryOperator, bpath, errors)
+        if op is None:
             continue
         values = [str(v) for v in _as_list(item.get("values"), f"{bpath}.values", errors)]
         if not values:
@@ -426,15 +438,9 @@ def _parse_binaries(raw: list[Any], path: str, errors: _Errors) -> tuple[MatchBi
 
 def _parse_pids(raw: list[Any], path: str, errors: _Errors) -> tuple[MatchPIDs, ...]:
     out: list[MatchPIDs] = []
-    for i, item in enumerate(raw):
-        ppath = f"{path}[{i}]"
-        if not isinstance(item, dict):
-            errors.add(ppath, "must be a mapping")
-            continue
-        try:
-            op = SetOperator(str(item.get("operator")))
-        except ValueError:
-            errors.add(f"{ppath}.operator", f"unknown operator {item.get('operator')!r}")
+    for ppath, item in _mappings(raw, path, errors):
+        op = _enum_field(item, "operator", SetOperator, ppath, errors)
+        if op is None:
             continue
         if item.get("isNamespacePID"):
             errors.add(f"{ppath}.isNamespacePID", "only host PIDs are supported")
@@ -442,9 +448,7 @@ def _parse_pids(raw: list[Any], path: str, errors: _Errors) -> tuple[MatchPIDs, 
         if item.get("followForks"):
             errors.add(f"{ppath}.followForks", "followForks is not supported")
             continue
-        vals = [_as_int(v, f"{ppath}.values[{j}]", errors) for j, v in
-                enumerate(_as_list(item.get("values"), f"{ppath}.values", errors))]
-        pids = tuple(v for v in vals if v is not None)
+        pids = _int_values(item, ppath, errors)
         if not pids:
             errors.add(f"{ppath}.values", "at least one PID is required")
             continue
@@ -454,28 +458,14 @@ def _parse_pids(raw: list[Any], path: str, errors: _Errors) -> tuple[MatchPIDs, 
 
 def _parse_namespaces(raw: list[Any], path: str, errors: _Errors) -> tuple[MatchNamespace, ...]:
     out: list[MatchNamespace] = []
-    for i, item in enumerate(raw):
-        npath = f"{path}[{i}]"
-        if not isinstance(item, dict):
-            errors.add(npath, "must be a mapping")
+    for npath, item in _mappings(raw, path, errors):
+        ns = _enum_field(item, "namespace", Namespace, npath, errors, "namespace", "unsupported")
+        if ns is None:
             continue
-        try:
-            ns = Namespace(str(item.get("namespace")))
-        except ValueError:
-            errors.add(
-                f"{npath}.namespace",
-                f"unsupported namespace {item.get('namespace')!r} "
-                f"(one of {', '.join(n.value for n in Namespace)})",
-            )
+        op = _enum_field(item, "operator", SetOperator, npath, errors)
+        if op is None:
             continue
-        try:
-            op = SetOperator(str(item.get("operator")))
-        except ValueError:
-            errors.add(f"{npath}.operator", f"unknown operator {item.get('operator')!r}")
-            continue
-        vals = [_as_int(v, f"{npath}.values[{j}]", errors) for j, v in
-                enumerate(_as_list(item.get("values"), f"{npath}.values", errors))]
-        inums = tuple(v for v in vals if v is not None)
+        inums = _int_values(item, npath, errors)
         if not inums:
             errors.add(f"{npath}.values", "at least one namespace inode number is required")
             continue
@@ -497,19 +487,9 @@ def _parse_actions(
     if not raw:
         return (Action(ActionKind.POST),)
     out: list[Action] = []
-    for i, item in enumerate(raw):
-        apath = f"{path}[{i}]"
-        if not isinstance(item, dict):
-            errors.add(apath, "must be a mapping")
-            continue
-        name = item.get("action")
-        try:
-            action = ActionKind(str(name))
-        except ValueError:
-            errors.add(
-                f"{apath}.action",
-                f"unsupported action {name!r} (one of {', '.join(a.value for a in ActionKind)})",
-            )
+    for apath, item in _mappings(raw, path, errors):
+        action = _enum_field(item, "action", ActionKind, apath, errors, "action", "unsupported")
+        if action is None:
             continue
         signal = 0
         rate = 0

@@ -174,6 +174,32 @@ def test_all_errors_are_reported_together() -> None:
             f"{base}.matchActions[0].action"} <= paths
 
 
+def test_enum_fields_and_values_are_named_with_what_is_allowed() -> None:
+    """One helper checks every enum field (operators, namespace, action): each error names the
+    field, the bad value and the allowed ones; bad list items and values name their index."""
+    with pytest.raises(ResourceError) as exc:
+        parse_policy(execve([{
+            "matchPIDs": [{"operator": "Maybe", "values": [1]},
+                          {"operator": "In", "values": [1, "x"]}, "not-a-mapping"],
+            "matchNamespaces": [{"namespace": "Time", "operator": "In", "values": [1]},
+                                {"namespace": "Net", "operator": "Out", "values": [1]}],
+            "matchArgs": [{"index": 5, "operator": "Like", "values": ["/tmp/"]}],
+            "matchActions": [{"action": "Explode"}]}]), formats)
+    errors = fields_of(exc)
+    base = "spec.tracepoints[0].selectors[0]"
+    assert errors[f"{base}.matchPIDs[0].operator"] == "unknown operator 'Maybe' (one of In, NotIn)"
+    assert "'x' is not an integer" in errors[f"{base}.matchPIDs[1].values[1]"]
+    assert errors[f"{base}.matchPIDs[2]"] == "must be a mapping"
+    assert errors[f"{base}.matchNamespaces[0].namespace"].startswith(
+        "unsupported namespace 'Time' (one of Uts, Ipc,")
+    assert errors[f"{base}.matchNamespaces[1].operator"] == \
+        "unknown operator 'Out' (one of In, NotIn)"
+    assert errors[f"{base}.matchArgs[0].operator"].startswith(
+        "unknown operator 'Like' (one of Equal, NotEqual, Prefix")
+    assert errors[f"{base}.matchActions[0].action"].startswith(
+        "unsupported action 'Explode' (one of Post,")
+
+
 def test_shared_examples_through_the_resource_model() -> None:
     from pathlib import Path
 
