@@ -6,6 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
+from ciliate.matchpattern import check_match_name, check_match_pattern
 from ciliate.resources.base import Model, Resource
 from ciliate.resources.networkpolicy import (
     CIDR,
@@ -91,8 +92,40 @@ class PortRuleHTTP(Model):
     headers: list[str] = Field(default_factory=list)
 
 
+class FQDNSelector(Model):
+    """``rules.dns`` entries and ``toFQDNs`` peers (:mod:`ciliate.matchpattern`)."""
+
+    matchName: str | None = None
+    matchPattern: str | None = None
+
+    @field_validator("matchName")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else check_match_name(value)
+
+    @field_validator("matchPattern")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        return None if value is None else check_match_pattern(value)
+
+    @model_validator(mode="after")
+    def _one(self) -> FQDNSelector:
+        if self.matchName and self.matchPattern:
+            raise ValueError("only one of matchName or matchPattern is allowed")
+        if not self.matchName and not self.matchPattern:
+            raise ValueError("one of matchName or matchPattern is required")
+        return self
+
+
 class L7Rules(Model):
     http: list[PortRuleHTTP] | None = None
+    dns: list[FQDNSelector] | None = None
+
+    @model_validator(mode="after")
+    def _one_protocol(self) -> L7Rules:
+        if self.http is not None and self.dns is not None:
+            raise ValueError("multiple L7 protocol rule types (http, dns) in one port rule")
+        return self
 
 
 class PortRule(Model):
@@ -136,6 +169,16 @@ class EgressRule(_PeerRule):
     toCIDR: list[CIDR] | None = None
     toCIDRSet: list[CIDRRule] | None = None
     toServices: list[dict[str, Any]] | None = None
+    toFQDNs: list[FQDNSelector] | None = None
+
+    @model_validator(mode="after")
+    def _fqdn_alone(self) -> EgressRule:
+        if self.toFQDNs is not None:
+            others = [f for f in ("toEndpoints", "toEntities", "toCIDR", "toCIDRSet",
+                                  "toServices", "toRequires") if getattr(self, f) is not None]
+            if others:
+                raise ValueError(f"combining toFQDNs with {', '.join(others)} is not supported")
+        return self
 
 
 class IngressDenyRule(IngressRule):
@@ -149,6 +192,8 @@ class EgressDenyRule(EgressRule):
     @model_validator(mode="after")
     def _no_l7(self) -> EgressDenyRule:
         _refuse_l7(self.toPorts)
+        if self.toFQDNs is not None:
+            raise ValueError("deny rules cannot select toFQDNs")
         return self
 
 

@@ -21,14 +21,16 @@ from services.policy.core.compile import (
     IdentityPolicy,
     Overflow,
 )
-from services.policy.core.spec import Direction, HTTPRule
+from services.policy.core.spec import Direction, DNSRule, HTTPRule
 
 
 def encode_l7(value: EntryValue, rules: list[tuple[str, tuple[object, ...]]]) -> dict[str, Any]:
     """The L7 rules of a redirect entry, for the node's proxy: ``http`` rules (method, path,
-    host, headers); ``wildcard`` when another allow of the same key has no L7 rules (Cilium
-    then lets every request through on that port)."""
+    host, headers), ``dns`` rules (matchName / matchPattern, only when some rule has them);
+    ``wildcard`` when another allow of the same key has no L7 rules (Cilium then lets every
+    request through on that port)."""
     http: list[dict[str, Any]] = []
+    dns: list[dict[str, Any]] = []
     for _cookie, items in rules:
         for h in items:
             if isinstance(h, HTTPRule):
@@ -36,8 +38,16 @@ def encode_l7(value: EntryValue, rules: list[tuple[str, tuple[object, ...]]]) ->
                         "headers": list(h.headers)}
                 if rule not in http:
                     http.append(rule)
+            elif isinstance(h, DNSRule):
+                d = {"matchName": h.match_name} if h.match_name else {
+                    "matchPattern": h.match_pattern}
+                if d not in dns:
+                    dns.append(d)
     l7_cookies = {cookie for cookie, _ in rules}
-    return {"http": http, "wildcard": bool(value.cookies - l7_cookies)}
+    out: dict[str, Any] = {"http": http, "wildcard": bool(value.cookies - l7_cookies)}
+    if dns:
+        out["dns"] = dns
+    return out
 
 
 def _rows(

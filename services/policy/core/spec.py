@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from ciliate.labels.k8s import NAMESPACE_LABELS_PREFIX, POD_NAMESPACE_LABEL
+from ciliate.matchpattern import name_matches, pattern_matches
 from ciliate.resources.ciliumpolicy import (
     CiliumClusterwideNetworkPolicy,
     CiliumNetworkPolicy,
@@ -44,6 +45,29 @@ class PeerKind(StrEnum):
     SELECTOR = "selector"
     ENTITY = "entity"
     CIDR = "cidr"
+    FQDN = "fqdn"  # toFQDNs: CIDR identities whose fqdn: labels match
+
+
+@dataclass(frozen=True)
+class FQDNSelector:
+    """One ``matchName`` or ``matchPattern`` (``rules.dns`` entry or ``toFQDNs`` peer), as
+    :mod:`ciliate.matchpattern` defines them."""
+
+    match_name: str = ""
+    match_pattern: str = ""
+
+    def matches(self, name: str) -> bool:
+        if self.match_name and name_matches(self.match_name, name):
+            return True
+        return bool(self.match_pattern) and pattern_matches(self.match_pattern, name)
+
+    def __str__(self) -> str:
+        if self.match_name:
+            return f"matchName:{self.match_name}"
+        return f"matchPattern:{self.match_pattern}"
+
+
+DNSRule = FQDNSelector
 
 
 @dataclass(frozen=True)
@@ -53,6 +77,7 @@ class Peer:
     entity: str = ""
     cidr: str = ""
     excepts: tuple[str, ...] = ()
+    fqdn: FQDNSelector | None = None
 
     def __str__(self) -> str:
         if self.kind is PeerKind.SELECTOR:
@@ -62,6 +87,8 @@ class Peer:
         if self.kind is PeerKind.CIDR:
             tail = f" except {','.join(self.excepts)}" if self.excepts else ""
             return f"cidr:{self.cidr}{tail}"
+        if self.kind is PeerKind.FQDN:
+            return f"fqdn:{self.fqdn}"
         return "any"
 
 
@@ -101,6 +128,8 @@ class Rule:
     ports: tuple[PortSpec, ...] = ()
     http: tuple[HTTPRule, ...] = ()
     requires: tuple[CompiledSelector, ...] = ()
+    dns: tuple[DNSRule, ...] = ()
+    """``rules.dns``: the ports are redirected to the node's DNS proxy with these names."""
 
 
 @dataclass(frozen=True)
@@ -195,9 +224,10 @@ def from_network_policy(np: NetworkPolicy) -> PolicySet:
 
 def _cilium_ports(
     port_rules: list[PortRule] | None,
-) -> tuple[tuple[PortSpec, ...], tuple[HTTPRule, ...]]:
+) -> tuple[tuple[PortSpec, ...], tuple[HTTPRule, ...], tuple[DNSRule, ...]]:
     specs: list[PortSpec] = []
     http: list[HTTPRule] = []
+    dns: list[DNSRule] = []
     for pr in port_rules or []:
         for pp in pr.ports:
             port: int | str = pp.port
@@ -207,7 +237,11 @@ def _cilium_ports(
         if pr.rules is not None:
             for h in pr.rules.http or []:
                 http.append(HTTPRule(h.method or "", h.path or "", h.host or "", tuple(h.headers)))
-    return tuple(specs), tuple(http)
+            for d in pr.rules.dns or []:
+                rule = DNSRule(d.matchName or "", d.matchPattern or "")
+                if rule not in dns:
+                    dns.append(rule)
+    return tuple(specs), tuple(http), tuple(dns)
 
 
 def _icmp_ports(rule: IngressRule | EgressRule) -> tuple[PortSpec, ...]:
@@ -236,6 +270,11 @@ def _cilium_peers(rule: IngressRule | EgressRule, namespace: str | None) -> tupl
     else:
         endpoints, entities = rule.toEndpoints, rule.toEntities
         cidrs, cidr_sets = rule.toCIDR, rule.toCIDRSet
+        if rule.toFQDNs is not None:
+            return tuple(
+                Peer(PeerKind.FQDN, fqdn=DNSRule(f.matchName or "", f.matchPattern or ""))
+                for f in rule.toFQDNs
+            )
     if endpoints is None and entities is None and cidrs is None and cidr_sets is None:
         return None
     peers: list[Peer] = []
@@ -271,14 +310,16 @@ def _cilium_rule(rule: CiliumRule, base: str, namespace: str | None) -> PolicySe
         for i, item in enumerate(items):
             present[direction] = True
             peers = _cilium_peers(item, namespace)
-            ports, http = _cilium_ports(item.toPorts)
+            ports, http, dns = _cilium_ports(item.toPorts)
             ports += _icmp_ports(item)
             reqs_src = item.fromRequires if isinstance(item, IngressRule) else item.toRequires
             requires = tuple(scope(r.compile(), namespace) for r in reqs_src or [])
             cookie = f"{base}/{field}[{i}]"
             if peers is None:
                 peers = (WILDCARD_PEER,) if (ports or not requires) else ()
-            rules.append(Rule(cookie, subject, direction, deny, peers, ports, http, requires))
+            rules.append(
+                Rule(cookie, subject, direction, deny, peers, ports, http, requires, dns)
+            )
     overrides = {
         Direction.INGRESS: rule.enableDefaultDeny.ingress,
         Direction.EGRESS: rule.enableDefaultDeny.egress,

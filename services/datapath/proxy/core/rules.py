@@ -4,9 +4,8 @@ HTTP fields are regular expressions matched against the whole value, as Cilium h
 Envoy (``safe_regex`` full match; ``path`` against the request target, query included).
 ``headers`` entries are ``"Name"`` (present) or ``"Name: value"`` (present with that value).
 
-DNS: ``matchName`` is an exact name; ``matchPattern`` uses ``*`` for any run of name characters
-within a label (``*.example.com``), and ``*`` alone matches every name. Names compare
-case-insensitively, with or without the trailing dot (Cilium's ``matchpattern`` package).
+DNS: ``matchName`` / ``matchPattern`` as :mod:`ciliate.matchpattern` defines them (the same
+matcher the policy compiler uses for toFQDNs and the resources use for validation).
 """
 
 from __future__ import annotations
@@ -17,9 +16,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from ciliate.matchpattern import name_matches, normalize_name, pattern_matches, pattern_regex
 from services.datapath.proxy.core.http import Head
 
-DNS_LABEL_CHARS = "[-a-zA-Z0-9_]*"
+__all__ = ["DNSRule", "HTTPRule", "L7Rules", "normalize_name", "pattern_regex"]
 
 
 @lru_cache(maxsize=4096)
@@ -66,19 +66,6 @@ class HTTPRule:
         return "http{" + ", ".join(parts) + "}"
 
 
-def normalize_name(name: str) -> str:
-    return name.lower().rstrip(".") + "."
-
-
-@lru_cache(maxsize=4096)
-def pattern_regex(pattern: str) -> re.Pattern[str]:
-    """Cilium's matchPattern as a regex over normalized (lower-case, dot-terminated) names."""
-    pattern = normalize_name(pattern.strip())
-    if pattern == "*.":
-        return re.compile(r"(?:[-a-zA-Z0-9_]+\.)*")
-    return re.compile("".join(DNS_LABEL_CHARS if c == "*" else re.escape(c) for c in pattern))
-
-
 @dataclass(frozen=True)
 class DNSRule:
     match_name: str = ""
@@ -89,10 +76,9 @@ class DNSRule:
         return cls(str(data.get("matchName") or ""), str(data.get("matchPattern") or ""))
 
     def matches(self, name: str) -> bool:
-        norm = normalize_name(name)
-        if self.match_name and normalize_name(self.match_name) == norm:
+        if self.match_name and name_matches(self.match_name, name):
             return True
-        return bool(self.match_pattern and pattern_regex(self.match_pattern).fullmatch(norm))
+        return bool(self.match_pattern) and pattern_matches(self.match_pattern, name)
 
     def __str__(self) -> str:
         if self.match_name:
