@@ -44,6 +44,7 @@ from .loader import (
     parse_tcp_flags,
 )
 from .maps import PIN_ROOT
+from .proxy.core.fqdn import DEFAULT_MIN_TTL, FQDNCache
 from .proxy.core.policy import PolicyView
 from .proxy.dns_proxy import DNSProxy, Learner
 from .proxy.http_proxy import HTTPProxy
@@ -119,6 +120,8 @@ class AgentConfig:
     process on the machine, which an agent must not assume it may do)."""
     node_netns: str = ""
     """Outside dev mode: the named network namespace that is the node's (tests); "" = ours."""
+    fqdn_min_ttl: int = DEFAULT_MIN_TTL
+    """Cilium's ``tofqdns-min-ttl``: learned FQDN IPs live at least this long (seconds)."""
 
     @classmethod
     def from_context(cls, ctx: ServiceContext) -> AgentConfig:
@@ -155,6 +158,7 @@ class AgentConfig:
             lb_cgroup=opt("LB_CGROUP_ROOT") or (
                 str(node_cgroup(cluster, s.node)) if s.dev_mode else ""),
             node_netns=opt("NODE_NETNS") or "",
+            fqdn_min_ttl=int(opt("TOFQDNS_MIN_TTL") or DEFAULT_MIN_TTL),
         )
 
 
@@ -395,7 +399,7 @@ class DatapathAgent:
                                                          pin_root=cfg.pin_root))
         await self._run(self.pdp.setup_routing, self.node_netns)
         emit = self.publisher.add
-        self.learner = Learner(self._request)
+        self.learner = Learner(self._request, FQDNCache(min_ttl=cfg.fqdn_min_ttl))
         self.http_proxy = HTTPProxy(self.view, emit, netns=self.node_netns)
         self.dns_proxy = DNSProxy(self.view, emit, learner=self.learner, netns=self.node_netns)
         await self.http_proxy.start()

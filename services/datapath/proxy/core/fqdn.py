@@ -19,11 +19,16 @@ from dataclasses import dataclass, field
 from services.datapath.proxy.core.rules import normalize_name
 
 FQDN_SOURCE = "fqdn"
+DEFAULT_MIN_TTL = 3600
+"""Cilium's ``tofqdns-min-ttl`` default (one hour): short DNS TTLs (often 0-60 s) would
+otherwise make a pod's allowed IPs flap while its connections to them are still open."""
 
 
 @dataclass
 class FQDNCache:
     min_ttl: int = 0
+    """0 here (pure tests); the agent passes ``CILIATE_TOFQDNS_MIN_TTL`` (default
+    :data:`DEFAULT_MIN_TTL`)."""
     _expiry: dict[str, dict[str, float]] = field(default_factory=dict)  # ip -> name -> expiry
 
     def learn(self, name: str, ips: Iterable[str], ttl: int, now: float) -> set[str]:
