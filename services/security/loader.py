@@ -1,9 +1,10 @@
 """The one place that imports bcc: compile-and-load the lifecycle and policy programs, attach
 their tracepoints, fill their maps and read their ring buffers.
 
-Tracepoints are global, so every program first checks that the current task is inside this
-agent's cgroup subtree (``bpf_current_task_under_cgroup`` against a cgroup array holding the
-node's directory): each node of a dev cluster acts only on its own processes.
+Tracepoints are global, so every program checks that the current task is inside this agent's
+cgroup subtree (``bpf_current_task_under_cgroup`` against a cgroup array holding the node's
+directory) before anything but loads from the tracepoint record: each node of a dev cluster acts
+only on its own processes.
 """
 
 from __future__ import annotations
