@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 DNS_PROXY_PORT = 15053
 UPSTREAM_TIMEOUT = 5.0
+RESPONSE_MAX_DELAY = 0.1
+"""Cilium's ``tofqdns-proxy-response-max-delay``: how long an answer that taught new IPs is
+held for the client's policy to gain them, so its next connection is not dropped."""
 MAX_DATAGRAM = 4096
 
 Address = tuple[str, int]
@@ -50,9 +53,12 @@ class Learner:
     held: dict[str, int] = field(default_factory=dict)  # ip -> identity
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def learn(self, name: str, ips: list[str], ttl: int) -> None:
+    async def learn(self, name: str, ips: list[str], ttl: int) -> set[int]:
+        """Returns the identities newly held for ``ips`` (new IPs or changed name sets)."""
         async with self._lock:
+            before = {ip: self.held.get(ip) for ip in ips}
             await self._sync(self.cache.learn(name, ips, ttl, time.time()))
+            return {i for ip in ips if (i := self.held.get(ip)) is not None and i != before[ip]}
 
     async def expire(self) -> None:
         async with self._lock:
@@ -107,7 +113,9 @@ class DNSProxy:
     original_dst: Callable[[Address], Address] | None = None
     """For tests without the redirect: client address -> the server it meant."""
     stats: DNSProxyStats = field(default_factory=DNSProxyStats)
+    response_max_delay: float = RESPONSE_MAX_DELAY
     _sock: socket.socket | None = None
+    _policy_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
@@ -115,9 +123,30 @@ class DNSProxy:
                               transparent=self.transparent)
         if self.port == 0:
             self.port = self._sock.getsockname()[1]
+        self.view.policy_listeners.append(self._on_policy)
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._readable)
 
+    def _on_policy(self, _identity: int) -> None:
+        self._policy_changed.set()
+
+    async def _await_policy(self, client_ip: str, idents: set[int]) -> None:
+        """Hold the answer until the client's egress policy holds entries for the learned
+        identities, at most ``response_max_delay`` (names no toFQDNs selects never appear)."""
+        ep = self.view.local_endpoint(client_ip)
+        if ep is None or not idents:
+            return
+        deadline = time.monotonic() + self.response_max_delay
+        while not all(self.view.has_peer(ep.identity, i) for i in idents):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._policy_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._policy_changed.wait(), left)
+
     async def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.view.policy_listeners.remove(self._on_policy)
         if self._sock is not None:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
@@ -188,7 +217,7 @@ class DNSProxy:
         ttl = min((r.ttl for r in answer.answers), default=0)
         if self.learner is not None and ips and answer.rcode == dns.Rcode.NOERROR:
             try:
-                await self.learner.learn(qname, ips, ttl)
+                await self._await_policy(client[0], await self.learner.learn(qname, ips, ttl))
             except Exception:
                 log.exception("dns proxy: learning %s failed", qname)
         self._reply(raw, client, server)

@@ -50,6 +50,7 @@ IPS = {"client": "10.244.9.31", "dns": "10.244.9.32", "allowed": "10.244.9.33",
        "other": "10.244.9.34"}
 PODS = {"client": 1001, "dns": 1002}  # endpoints; the two hosts are not (world)
 TTL = 2
+pytestmark = pytest.mark.privileged
 
 DNS_SERVER = r"""
 import asyncio, sys

@@ -9,7 +9,7 @@ that redirects contributes its L7 rules, and a request must pass all of them.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,14 +106,24 @@ class PolicyView:
     _ipcache_nets: dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]] = field(
         default_factory=dict)
     _identity_labels: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    policy_listeners: list[Callable[[int], None]] = field(default_factory=list)
+    """Called with the local identity after each policy change (the DNS proxy waits on it)."""
 
     # -- KV updates --------------------------------------------------------------------------
 
     def set_policy(self, key: str, value: Mapping[str, Any] | None) -> None:
+        ident = int(key) if value is None else int(value.get("identity", key))
         if value is None:
-            self.policies.pop(int(key), None)
+            self.policies.pop(ident, None)
         else:
-            self.policies[int(value.get("identity", key))] = IdentityEntries.from_kv(value)
+            self.policies[ident] = IdentityEntries.from_kv(value)
+        for listener in self.policy_listeners:
+            listener(ident)
+
+    def has_peer(self, local: int, peer: int) -> bool:
+        """Does ``local``'s policy hold any entry for ``peer`` (a learned FQDN identity)?"""
+        pol = self.policies.get(local)
+        return pol is not None and any(k[0] == peer for k in pol.entries)
 
     def set_endpoint(self, key: str, value: Mapping[str, Any] | None) -> None:
         for ip in self._endpoint_keys.pop(key, []):
