@@ -103,7 +103,7 @@ async def _store_policies(db_url: str, docs: list[dict[str, Any]]) -> None:
     await db.close()
 
 
-async def incremental(seed: int, samples: int, state: Path) -> dict[str, Any]:
+async def incremental(seed: int, samples: int, state: Path, churn: int = 0) -> dict[str, Any]:
     synthetic = generate(seed)
     nats = NatsServer(state)
     nats.start()
@@ -212,6 +212,43 @@ async def incremental(seed: int, samples: int, state: Path) -> dict[str, Any]:
               f"its compile {admit[-1]:.1f} ms), "
               f"all deltas {settled[-1] * 1000:.0f} ms", file=sys.stderr)
     service_peak_mb = vm_hwm_mb(service.pid)
+
+    async def settle(before: dict[str, Any]) -> None:
+        for _ in range(1_000_000):
+            now = await status()
+            if (now.get("settled", 0) > before.get("settled", 0)
+                    and not now.get("publish_pending")):
+                return
+            await asyncio.sleep(0.01)
+
+    churn_report: list[dict[str, Any]] = []
+    live = [100_000 + n for n in range(samples)]
+    for round_ in range(1, churn + 1):  # the same number of pods go, then as many new come
+        t0 = time.perf_counter()
+        before = await status()
+        for ident in live:
+            await ident_kv.delete(str(ident))
+        await settle(before)
+        removed_s = time.perf_counter() - t0
+        rss_removed = vm_rss_mb(service.pid)
+        live = [100_000 + round_ * samples + n for n in range(samples)]
+        t0 = time.perf_counter()
+        before = await status()
+        for ident in live:
+            n = ident - 100_000
+            ns = f"bench-new-{n}"
+            labels = endpoint_labels(
+                {"app": "new", "tier": f"t{n % TIERS}", "group": f"g{n % GROUPS}"}, ns,
+                {"kubernetes.io/metadata.name": ns})
+            await ident_kv.put(str(ident), {"id": ident, "labels": labels.sorted_strings()})
+        await settle(before)
+        churn_report.append({
+            "round": round_, "removed_all_settled_s": round(removed_s, 2),
+            "rss_mb_after_removal": rss_removed,
+            "added_all_settled_s": round(time.perf_counter() - t0, 2),
+            "rss_mb_after_readding": vm_rss_mb(service.pid),
+            "peak_rss_mb": vm_hwm_mb(service.pid)})
+        print(f"churn round {round_}: {churn_report[-1]}", file=sys.stderr)
     final = await status()
     await session.close()  # no keep-alive connection for the service's shutdown to wait on
     service_rss_mb = vm_rss_mb(service.pid)
@@ -244,6 +281,7 @@ async def incremental(seed: int, samples: int, state: Path) -> dict[str, Any]:
         "service_rss_mb_at_end": service_rss_mb,
         "service_peak_rss_mb_by_sample": rss_by_sample,
         "service_stop_after_sigterm_s": stop_s,
+        "churn": churn_report,
         "own_entries_p50_ms": pct(own_ms, 0.5),
         "own_entries_p99_ms": pct(own_ms, 0.99),
         "own_entries_in_service_p50_ms": pct(sorted(inside), 0.5),
@@ -261,13 +299,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.policy")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--churn", type=int, default=2,
+                        help="rounds of removing the sample pods' identities and adding as many "
+                             "new ones in a burst, after the samples (memory must not grow)")
     args = parser.parse_args()
     compile_runs = [full_compile(args.seed) for _ in range(3)]
     print(json.dumps(compile_runs), file=sys.stderr)
     best = min(compile_runs, key=lambda r: r["total_wall_s"])
     memory_after_compile = peak_rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
-        inc = asyncio.run(incremental(args.seed, args.samples, Path(tmp)))
+        inc = asyncio.run(incremental(args.seed, args.samples, Path(tmp), args.churn))
     with open("/proc/loadavg") as fh:
         load = fh.read().split()[0]
     report = {
