@@ -227,6 +227,11 @@ class IdentityService:
             else:
                 node = node or (old_record or {}).get("node") or self.default_node
                 kept = await addresses.of_owner(owner) if known else []
+                if kept and pod.spec.nodeName:
+                    # A pod seen before it was scheduled got an address of the default node;
+                    # once bound elsewhere it needs one its node routes.
+                    cidr = await addresses.node_cidr(node)
+                    kept = [ip for ip in kept if self.ipam.node_cidr_of(ip) == cidr]
                 ips = kept[:1] if kept else [await addresses.allocate(owner, node)]
         except IpConflict as exc:
             raise field_problem(409, "status.podIP", str(exc)) from None

@@ -308,6 +308,15 @@ async def test_pods_without_an_address_get_one_from_their_nodes_cidr(
     assert on_two["endpoint"]["ips"][0] not in await snapshot(bus, Bucket.IPCACHE)
     reuse = await live.apply_ok(pod("z", "n2c", {"app": "n2c"}, node="node-2"))
     assert reuse["endpoint"]["ips"] == on_two["endpoint"]["ips"]
+    # A pod seen before it was scheduled (default node's address) moves to its node's CIDR
+    # once bound, and its old address is freed.
+    pending = await live.apply_ok(pod("z", "late", {"app": "late"}))
+    assert net(pending) == net(on_one)
+    bound = await live.apply_ok(pod("z", "late", {"app": "late"}, node="node-2"))
+    assert bound["endpoint"]["node"] == "node-2" and net(bound) == net(on_two)
+    ipcache = await snapshot(bus, Bucket.IPCACHE)
+    assert pending["endpoint"]["ips"][0] not in ipcache
+    assert ipcache[bound["endpoint"]["ips"][0]]["node"] == "node-2"
 
 
 async def test_allocate_release_and_lookup_in_batches_over_nats(
