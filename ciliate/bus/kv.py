@@ -139,6 +139,7 @@ class KV:
                 await asyncio.sleep(poll / 4)
                 continue
             yield KVEvent(resync=True)
+            initial = seen = False
             try:
                 while True:
                     try:
@@ -148,12 +149,30 @@ class KV:
                             break
                         continue
                     if entry is None:
-                        yield KVEvent(initial_done=True)
+                        # nats-py's end-of-snapshot marker can come before the snapshot: it is
+                        # sent when the server has delivered everything but the client has not
+                        # handled any of it yet. Only an empty consumer makes it true; otherwise
+                        # the entry with nothing pending after it ends the snapshot.
+                        if not initial and not seen and await self._nothing_delivered(watcher):
+                            initial = True
+                            yield KVEvent(initial_done=True)
                         continue
+                    seen = True
                     yield self._event(entry)
+                    if not initial and not entry.delta:
+                        initial = True
+                        yield KVEvent(initial_done=True)
             finally:
                 with contextlib.suppress(nats.errors.Error, TimeoutError, AttributeError):
                     await watcher.stop()  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    async def _nothing_delivered(watcher: Any) -> bool:
+        try:
+            info = await watcher._sub.consumer_info()
+        except (nats.errors.Error, TimeoutError):
+            return True  # cannot tell: trust the marker, as nats-py does
+        return int(info.delivered.consumer_seq or 0) == 0 and int(info.num_pending or 0) == 0
 
     def _event(self, entry: KeyValue.Entry) -> KVEvent:
         revision = int(entry.revision or 0)
