@@ -19,12 +19,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute, netns
+
+from services.datapath.core.images import http_demo_ports
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified/ciliate")
 GATEWAY_IP = "169.254.1.1"
@@ -122,7 +124,7 @@ def enter_cgroup(cgroup: str) -> None:
 def create_pod(
     *, node: str, node_netns: str, namespace: str, name: str, ip: str,
     tcp_ports: list[int], udp_ports: list[int], salt: str = "", state_dir: Path | None = None,
-    on_link: Callable[[str, str], None] | None = None,
+    on_link: Callable[[str, str], None] | None = None, images: Sequence[str] = (),
 ) -> PodSandbox:
     """Netns + veth + addresses + routes + static neighbours + cgroup + server process.
 
@@ -163,7 +165,8 @@ def create_pod(
             ipr.neigh("add", dst=ip, lladdr=pod_mac, ifindex=host_idx, state=0x80)
         cgroup.mkdir(parents=True, exist_ok=True)
         if tcp_ports or udp_ports:
-            pod.server = _start_server(rec, tcp_ports, udp_ports)
+            pod.server = _start_server(rec, tcp_ports, udp_ports,
+                                       http_demo_ports(images, tcp_ports))
             rec.server_pid = pod.server.pid
         if state_dir is not None:
             write_record(state_dir, rec)
@@ -173,11 +176,14 @@ def create_pod(
     return pod
 
 
-def _start_server(rec: PodRecord, tcp: list[int], udp: list[int]) -> subprocess.Popen[bytes]:
+def _start_server(
+    rec: PodRecord, tcp: list[int], udp: list[int], http_demo: list[int]
+) -> subprocess.Popen[bytes]:
     args = ["ip", "netns", "exec", rec.netns, sys.executable, "-m",
             "services.datapath.podserver", "--name", f"{rec.namespace}/{rec.name}"]
     args += [a for p in tcp for a in ("--tcp", str(p))]
     args += [a for p in udp for a in ("--udp", str(p))]
+    args += [a for p in http_demo for a in ("--http-demo", str(p))]
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, cwd=REPO_ROOT, start_new_session=True,
         preexec_fn=lambda: enter_cgroup(rec.cgroup),

@@ -27,6 +27,7 @@ from pyroute2 import config as pyroute2_config
 from ciliate.api import REGISTRY_KEY
 from ciliate.bus import BatchPublisher, Bucket, KVMirror
 from ciliate.bus.subjects import flows as flows_subject
+from ciliate.flows.codec import pack_envelope
 from ciliate.flows.tables import TrafficDirection, drop_reason_text
 from ciliate.runner import ServiceContext, ServiceSpec
 
@@ -359,7 +360,8 @@ class DatapathAgent:
                 self.lb = await self._run(self._make_lb)
             except Exception as exc:  # policy enforcement goes on without service LB
                 self.error(f"service LB unavailable: {exc!r}")
-        self.publisher = BatchPublisher(self.ctx.bus, flows_subject(cfg.node), source=cfg.node)
+        self.publisher = BatchPublisher(self.ctx.bus, flows_subject(cfg.node), source=cfg.node,
+                                        encode=pack_envelope)
         self.publisher.start()
         if cfg.l7_proxy:
             await self.start_proxies()
@@ -586,7 +588,7 @@ class DatapathAgent:
                              namespace=namespace, name=name, ip=_pod_ip(ep),
                              tcp_ports=_ports(ep, "TCP"), udp_ports=_ports(ep, "UDP"),
                              salt=self.cfg.cluster, state_dir=self.cfg.state_dir,
-                             on_link=self._attach)
+                             on_link=self._attach, images=ep.get("images") or ())
         else:
             self._attach(pod.ifname, pod.record.node_netns)  # replace an older agent's filters
         self.pods[key] = pod

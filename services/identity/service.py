@@ -64,6 +64,9 @@ from services.identity.repository import (
 
 MAX_BATCH = 10_000
 """Label sets per NATS request: bounds one transaction."""
+GROUP_COMMIT = 64
+"""Pod and Namespace applies per shared transaction (one BEGIN/COMMIT and one KV flush for
+the applies that arrived while earlier ones were being written)."""
 
 
 @dataclass
@@ -258,6 +261,7 @@ class IdentityService:
                 ),
                 pod_labels=dict(pod.metadata.labels),
                 ready=pod.ready,
+                images=tuple(c.image for c in pod.spec.containers if c.image),
             )
 
         if endpoint_id is None:
@@ -567,6 +571,7 @@ async def setup(ctx: ServiceContext) -> None:
         on_apply=service.on_apply,
         on_delete=service.on_delete,
         after_commit=after_commit,
+        group_commit=GROUP_COMMIT,
     )
     handlers.register(ctx.app)
     _kind_routes(ctx.app, handlers)

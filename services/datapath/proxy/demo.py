@@ -50,7 +50,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 
 async def serve_deathstar(host: str, port: int) -> asyncio.Server:
-    return await asyncio.start_server(_serve, host, port)
+    return await asyncio.start_server(_serve, host, port, reuse_address=True)
 
 
 async def _main(host: str, port: int) -> None:

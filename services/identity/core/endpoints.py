@@ -67,6 +67,7 @@ class Endpoint:
     ports: tuple[NamedPort, ...] = ()
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     ready: bool = True
+    images: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -84,6 +85,7 @@ class Endpoint:
             "ports": [p.as_dict() for p in self.ports],
             "pod_labels": dict(self.pod_labels),
             "ready": self.ready,
+            "images": list(self.images),
         }
 
     def ipcache_entries(self) -> dict[str, dict[str, Any]]:

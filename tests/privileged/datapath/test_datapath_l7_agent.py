@@ -1,5 +1,6 @@
 """The Star Wars scene through the datapath agent as deployed: only KV (endpoints, ipcache,
-identities, policy with an L7 rule) goes in; the agent makes the pods, attaches the datapath
+identities, policy with an L7 rule) goes in; the agent makes the pods (the deathstar's pod
+server plays its image, docker.io/cilium/starwars, as in `ciliate up`), attaches the datapath
 and the L7 redirect, runs the node's HTTP proxy, and publishes its L7 flows on flows.<node>."""
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from services.datapath.sandbox import (
 from services.datapath.service import SPEC
 
 NODE = "node-1"
-REPO = Path(__file__).resolve().parents[3]
 IPS = {"deathstar-1": "10.244.19.10", "tiefighter": "10.244.19.11", "xwing": "10.244.19.12"}
 IDS = {"deathstar-1": 1000, "tiefighter": 1001, "xwing": 1002}
 LABELS = {"deathstar-1": ["k8s:class=deathstar", "k8s:org=empire"],
@@ -108,8 +108,10 @@ async def scene(nats_url: str, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
                                           "node": NODE} for n in IPS},
         Bucket.ENDPOINTS: {f"default.{n}": {
             "id": i + 1, "namespace": "default", "name": n, "labels": LABELS[n],
-            "identity": IDS[n], "ips": [IPS[n]], "node": NODE, "ports": [], "pod_labels": {},
-            "ready": True} for i, n in enumerate(IPS)},
+            "identity": IDS[n], "ips": [IPS[n]], "node": NODE, "pod_labels": {}, "ready": True,
+            **({"ports": [{"name": "", "port": 80, "protocol": "TCP"}],
+                "images": ["docker.io/cilium/starwars"]} if n == "deathstar-1" else {})}
+            for i, n in enumerate(IPS)},
         Bucket.POLICY: {"1000": POLICY},
     }
     for bucket, values in puts.items():
@@ -123,23 +125,12 @@ async def scene(nats_url: str, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
                "dev_teardown": "1"})
     stop = asyncio.Event()
     agent = asyncio.create_task(run_service(SPEC, settings, stop))
-    server: asyncio.subprocess.Process | None = None
     try:
         await _until(lambda: _pods_ready(state_dir) or agent.done(), 90, "three pod sandboxes")
         assert not agent.done(), agent
         pods = {n: read_record(state_dir, "default", n).netns for n in IPS}
-        server = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", pods["deathstar-1"], sys.executable, "-m",
-            "services.datapath.proxy.demo", "0.0.0.0", "80", cwd=REPO,
-            stdout=asyncio.subprocess.PIPE)
-        assert server.stdout is not None
-        assert (await asyncio.wait_for(server.stdout.readline(), 30)).strip() == b"ready"
         yield {"pods": pods, "flows": flows}
     finally:
-        if server is not None:
-            with contextlib.suppress(ProcessLookupError):
-                server.kill()
-            await server.wait()
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(agent, 60)

@@ -150,6 +150,7 @@ def test_endpoint_payloads_follow_the_contract() -> None:
         ],
         "pod_labels": {"pod": "a"},
         "ready": True,
+        "images": [],
     }
     assert ep.ipcache_entries() == {
         "10.244.1.10": {"prefix": "10.244.1.10/32", "identity": 300, "node": "n1"}
