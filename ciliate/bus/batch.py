@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -17,11 +18,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("ciliate.bus.batch")
 
 
+def _envelope(source: str, items: Sequence[Any], lost: int) -> bytes:
+    return codec.pack({"source": source, "items": items, "lost": lost})
+
+
 class BatchPublisher:
-    """Collects items and publishes ``{"items": [...], "lost": n}`` batches on one subject.
+    """Collects items and publishes ``{"source": s, "items": [...], "lost": n}`` batches on one
+    subject.
 
     ``add`` never blocks: past ``max_pending`` items the newest are dropped and counted, and the
     count rides on the next batch so the consumer can emit a LostEvent-style record.
+    ``encode(source, items, lost)`` packs a batch when the subject has its own envelope (flows:
+    ``ciliate.flows.pack_envelope``, with a per-batch label table); by default the envelope
+    above, msgpack.
     """
 
     def __init__(
@@ -33,6 +42,7 @@ class BatchPublisher:
         max_delay: float = 0.02,
         max_pending: int = 65536,
         source: str = "",
+        encode: Callable[[str, Sequence[Any], int], bytes] | None = None,
     ) -> None:
         self.bus = bus
         self.subject = subject
@@ -40,6 +50,7 @@ class BatchPublisher:
         self.max_delay = max_delay
         self.max_pending = max_pending
         self.source = source
+        self.encode = encode or _envelope
         self._items: list[Any] = []
         self._lost_pending = 0
         self.lost_total = 0
@@ -77,9 +88,8 @@ class BatchPublisher:
         while self._items or self._lost_pending:
             items, self._items = self._items[: self.max_batch], self._items[self.max_batch :]
             lost, self._lost_pending = self._lost_pending, 0
-            payload = {"source": self.source, "items": items, "lost": lost}
             try:
-                await self.bus.publish_raw(self.subject, codec.pack(payload))
+                await self.bus.publish_raw(self.subject, self.encode(self.source, items, lost))
                 self.published_total += len(items)
             except (nats.errors.Error, OSError) as exc:
                 log.warning("batch %s: publish failed (%s); %d items lost", self.subject, exc,

@@ -4,7 +4,13 @@ Tables (``tables``) hold Hubble's and Cilium's enumerations; ``model`` the typed
 its flat wire form; ``jsonpb`` Hubble's JSON; ``printer`` the compact/dict/table text.
 """
 
-from ciliate.flows.codec import decode_batch, encode_batch
+from ciliate.flows.codec import (
+    decode_batch,
+    encode_batch,
+    envelope_items,
+    pack_envelope,
+    resolve_tables,
+)
 from ciliate.flows.jsonpb import flow_json, get_flows_response, parse_rfc3339, rfc3339, summary
 from ciliate.flows.model import (
     DNS,
@@ -55,6 +61,7 @@ __all__ = [
     "TrafficDirection",
     "Verdict", "Wire", "Workload", "compact", "compact_record", "decode_batch", "decode_flow",
     "dict_block", "drop_flow_defaults", "drop_reason_name", "drop_reason_text", "encode_batch",
-    "encode_flow", "flow_json", "get_flows_response", "is_lost", "parse_rfc3339", "rfc3339",
-    "summary", "table", "trace_flow_defaults",
+    "encode_flow", "envelope_items", "flow_json", "get_flows_response", "is_lost",
+    "pack_envelope", "parse_rfc3339", "resolve_tables", "rfc3339", "summary", "table",
+    "trace_flow_defaults",
 ]

@@ -1,7 +1,8 @@
 """``ciliate monitor``: the datapath's raw event stream, printed as ``cilium-dbg monitor`` does.
 
 The agents publish flow records on ``flows.<node>`` (the ``BatchPublisher`` envelope
-``{"source", "items", "lost"}``, or a bare array; docs/events.md). Everything here but
+``{"source", "items", "lost", "lt"}`` with a per-batch label table, or a bare array;
+docs/events.md). Everything here but
 :func:`follow` is pure: a wire dict in, a line (or a Cilium-shaped JSON object) out.
 
 Fields the wire does not carry print as Cilium prints an unknown: ``flow 0x...`` is a CRC-32 of
@@ -21,6 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from ciliate.bus import subjects
+from ciliate.flows.codec import TABLE, resolve_tables
 from ciliate.flows.model import Wire, is_lost
 from ciliate.flows.tables import (
     ICMPV4_TYPE_NAMES,
@@ -256,10 +258,16 @@ def to_json(w: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def batch_records(payload: Any) -> list[Wire]:
-    """Records of one ``flows.*`` message: the BatchPublisher envelope (its ``lost`` count as a
-    lost record first, as the events service does) or a bare array."""
+    """Records of one ``flows.*`` message: the BatchPublisher envelope (its label table ``lt``
+    resolved; its ``lost`` count as a lost record first, as the events service does) or a
+    bare array. An envelope whose label table does not resolve yields only its lost count."""
     if isinstance(payload, Mapping) and "items" in payload:
         items = [r for r in payload.get("items") or () if isinstance(r, dict)]
+        if payload.get(TABLE) is not None:
+            try:
+                resolve_tables(items, payload[TABLE])
+            except ValueError:
+                items = []
         lost = int(payload.get("lost", 0) or 0)
         if lost > 0:
             items.insert(0, {"k": "lost", "ln": lost, "n": str(payload.get("source", ""))})

@@ -6,7 +6,9 @@ hub (followers filter on the raw dicts; nothing is turned into a ``Flow`` here).
 accepted in both shapes on the bus:
 
 * the ``BatchPublisher`` envelope ``{"source": str, "items": [record, ...], "lost": n}``, where
-  ``lost`` > 0 becomes a LostEvent (PERF_EVENT_RING_BUFFER) in the stream;
+  ``lost`` > 0 becomes a LostEvent (PERF_EVENT_RING_BUFFER) in the stream; the datapath's adds
+  a per-batch label table ``lt`` (``ciliate.flows.pack_envelope``), resolved here once per
+  batch;
 * a bare msgpack array of records (``ciliate.flows.encode_batch``).
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 
 import msgpack
 
+from ciliate.flows.codec import TABLE, resolve_tables
 from ciliate.flows.model import LostEvent, Wire
 from ciliate.flows.tables import LostEventSource
 from services.events.core.fanout import Follower, Hub
@@ -45,9 +48,11 @@ def decode(data: bytes, *, use_list: bool = True) -> tuple[list[Wire], int]:
     except Exception as exc:  # msgpack raises assorted types on hostile input
         raise BadBatch(f"invalid msgpack: {type(exc).__name__}") from None
     lost = 0
+    table = None
     if isinstance(obj, dict):
         if "items" in obj:
             lost = obj.get("lost") or 0
+            table = obj.get(TABLE)
             obj = obj["items"]
         else:
             obj = [obj]
@@ -57,6 +62,11 @@ def decode(data: bytes, *, use_list: bool = True) -> tuple[list[Wire], int]:
         raise BadBatch("expected an array of records or {items: [...], lost: n}")
     if obj and set(map(type, obj)) != _DICT_ONLY:
         raise BadBatch("every record must be a map")
+    if table is not None:
+        try:
+            resolve_tables(obj, table)
+        except ValueError as exc:
+            raise BadBatch(str(exc)) from None
     return obj, lost
 
 

@@ -16,7 +16,7 @@ from ciliate.bus import BatchPublisher, Bus
 from ciliate.bus.subjects import flows, process
 from ciliate.client import ClientContext
 from ciliate.config import Settings
-from ciliate.flows import Flow
+from ciliate.flows import Flow, pack_envelope
 from ciliate.runner import run_service
 from ciliate.stack.ports import free_port
 from services.events.service import SPEC
@@ -36,8 +36,9 @@ class EventsService:
         return {"Authorization": f"Bearer {TOKEN}"}
 
     async def publish_flows(self, node: str, records: list[Flow], lost: int = 0) -> None:
-        """Send as the datapath does: a BatchPublisher envelope of flow wire dicts."""
-        pub = BatchPublisher(self.bus, flows(node), source="datapath")
+        """Send as the datapath does: a BatchPublisher envelope of flow wire dicts with the
+        per-batch label table."""
+        pub = BatchPublisher(self.bus, flows(node), source="datapath", encode=pack_envelope)
         for f in records:
             pub.add(f.to_wire())
         if lost:

@@ -19,6 +19,7 @@ from pyroute2 import netns
 from ciliate.bus import Bucket, Bus
 from ciliate.bus.subjects import flows as flows_subject
 from ciliate.config import Settings
+from ciliate.flows.codec import envelope_items
 from ciliate.flows.model import Flow
 from ciliate.flows.tables import FlowType, Verdict
 from ciliate.runner import run_service
@@ -99,7 +100,7 @@ async def scene(nats_url: str, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
     flows: list[dict[str, Any]] = []
 
     async def on_batch(payload: Any) -> None:
-        flows.extend(payload.get("items", []))
+        flows.extend(envelope_items(payload))
 
     await bus.subscribe(flows_subject(NODE), on_batch)
     puts = {

@@ -22,6 +22,7 @@ from pyroute2 import netns
 from ciliate.bus import Bucket, Bus
 from ciliate.bus.subjects import FLOWS_ALL
 from ciliate.config import Settings
+from ciliate.flows.codec import envelope_items
 from ciliate.flows.jsonpb import get_flows_response
 from ciliate.runner import run_service
 from ciliate.stack.ports import free_port
@@ -167,7 +168,7 @@ async def harness(nats_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
     h.state_dir.mkdir(parents=True)
 
     async def on_batch(payload: Any) -> None:
-        h.flows.extend(payload.get("items", []))
+        h.flows.extend(envelope_items(payload))
 
     await bus.subscribe(FLOWS_ALL, on_batch)
     endpoints, ipcache, identities = {}, {}, {}

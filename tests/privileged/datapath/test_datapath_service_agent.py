@@ -21,6 +21,7 @@ from pyroute2 import netns
 from ciliate.bus import Bucket, Bus
 from ciliate.bus.subjects import FLOWS_ALL
 from ciliate.config import Settings
+from ciliate.flows.codec import envelope_items
 from ciliate.flows.jsonpb import flow_json
 from ciliate.flows.model import Flow
 from ciliate.resources.core import Pod
@@ -246,7 +247,7 @@ async def harness(nats_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
     h.state_dir.mkdir(parents=True)
 
     async def on_batch(payload: Any) -> None:
-        h.flows.extend(payload.get("items", []))
+        h.flows.extend(envelope_items(payload))
         h.lost += int(payload.get("lost", 0))
 
     await bus.subscribe(FLOWS_ALL, on_batch)

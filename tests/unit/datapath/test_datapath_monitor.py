@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ciliate.flows import pack_envelope
 from ciliate.flows.model import LostEvent
 from ciliate.flows.tables import (
     DropReason,
@@ -157,6 +159,19 @@ def test_batch_envelope_lost_count_comes_first() -> None:
     assert batch_records({"source": "n", "items": [item], "lost": 0}) == [item]
     assert batch_records([item, "junk"]) == [item]
     assert batch_records(b"junk") == []
+
+
+def test_batch_envelope_label_table_is_resolved() -> None:
+    item = wire(type=MessageType.DROP, verdict=Verdict.DROPPED)
+    item["sl"], item["dl"] = ["k8s:app=a"], ["k8s:app=b"]
+    data = pack_envelope("node-1", [item, dict(item)], 2)
+    payload = msgpack.unpackb(data)
+    assert "lt" in payload and payload["items"][0]["sl"] == 0
+    recs = batch_records(payload)
+    assert recs[0]["k"] == "lost" and recs[1:] == [item, item]
+    payload = msgpack.unpackb(data)
+    payload["items"][1]["dl"] = 9  # an index the table does not have: only the loss is shown
+    assert batch_records(payload) == [{"k": "lost", "ln": 2, "n": "node-1"}]
 
 
 @given(sport=st.integers(0, 65535), dport=st.integers(0, 65535), flags=st.integers(0, 0xFF),

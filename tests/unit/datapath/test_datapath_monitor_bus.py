@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 
 from ciliate.bus import BatchPublisher, Bus, subjects
 from ciliate.client import ClientContext
+from ciliate.flows import pack_envelope
 from ciliate.flows.tables import DropReason, MessageType, TraceReason, TrafficDirection, Verdict
 from ciliate.stack.nats import NatsServer
 from services.datapath.cli import monitor
@@ -50,7 +51,8 @@ async def run_monitor(server: NatsServer, state: Path, args: list[str]) -> Resul
         runner.invoke, monitor, args, env={"CILIATE_STATE_DIR": str(state)}))
     bus = await Bus.connect(server.url, name="test-agent")
     try:
-        pub = BatchPublisher(bus, subjects.flows("node-1"), source="node-1")
+        pub = BatchPublisher(bus, subjects.flows("node-1"), source="node-1",
+                               encode=pack_envelope)
         deadline = time.monotonic() + 15
         while not task.done():
             assert time.monotonic() < deadline, "monitor did not print its events"

@@ -7,6 +7,8 @@ import msgpack
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ciliate.flows import pack_envelope
+from services.events.core.filters import FilterSet, FlowFilter
 from services.events.core.query import FlowQuery
 from services.events.core.ring import Ring
 from services.events.observer import Stream, fill_node
@@ -69,3 +71,30 @@ def test_stream_holding_raw_batches_answers_history_like_one_holding_records() -
     assert [w["t"] for w in held] == [5, 6, 7, 8, 9]
     assert {w["n"] for w in held} == {"n1"}  # the node of the subject, filled in again
     assert raw.rings["n1"].overwritten == decoded.rings["n1"].overwritten == 5
+
+
+def test_label_table_envelope_ingests_like_inline_labels_and_a_bad_table_is_counted() -> None:
+    flows = [{"t": t, "v": 1 + t % 2, "sl": [f"k8s:app={'ab'[t % 2]}"], "dl": ["k8s:x=1"]}
+             for t in range(10)]
+    inline = [msgpack.packb({"source": "n1", "items": flows[i:i + 4], "lost": 0})
+              for i in range(0, 10, 4)]
+    tabled = [pack_envelope("n1", flows[i:i + 4], 0) for i in range(0, 10, 4)]
+    label_b = FlowQuery(FilterSet([FlowFilter.from_json({"source_label": ["app=b"]})]))
+    results = []
+    for batches in (inline, tabled):
+        stream = Stream("flows", 15, 100, fill_node, use_list=False, keep_raw=True)
+        follower = stream.hub.add(label_b)
+        for data in batches:
+            stream.ingest_bytes("n1", data)
+        live = follower.drain()
+        assert [w["t"] for w in live] == [1, 3, 5, 7, 9]
+        results.append((live, stream.query(FlowQuery(number=100))))
+    assert results[0] == results[1]
+    assert results[1][1][0]["sl"] == ("k8s:app=a",) and results[1][1][0]["dl"] == ("k8s:x=1",)
+
+    stream = Stream("flows", 15, 100, fill_node, use_list=False, keep_raw=True)
+    for bad in ({"items": [{"t": 1, "sl": 3}], "lost": 0, "lt": [["k8s:app=a"]]},
+                {"items": [{"t": 1, "sl": 0}], "lost": 0, "lt": [[7]]},
+                {"items": [{"t": 1, "sl": -1}], "lost": 0, "lt": [["a"]]}):
+        assert stream.ingest_bytes("n1", msgpack.packb(bad)) == 0
+    assert stream.bad_batches_total == 3 and stream.received_total == 0

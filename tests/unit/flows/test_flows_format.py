@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import msgpack
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,6 +30,7 @@ from ciliate.flows import (
     table,
     trace_flow_defaults,
 )
+from ciliate.flows.codec import TABLE, pack_envelope, resolve_tables
 from ciliate.flows.tables import L7FlowType, LostEventSource, MonitorTracePoint
 
 T = 1_700_733_600_123_000_000  # 2023-11-23T10:00:00.123Z
@@ -194,3 +197,42 @@ def test_trace_reason_travels_and_prints_by_name() -> None:
     assert decode_flow(wire).trace_reason == TraceReason.ESTABLISHED
     assert get_flows_response(wire)["flow"]["trace_reason"] == "ESTABLISHED"
     assert "tr" not in encode_flow(Flow(time_ns=1))
+
+
+@given(st.lists(flows(), max_size=8), st.integers(0, 5))
+def test_label_table_envelope_round_trip_is_lossless(batch: list[Flow], lost: int) -> None:
+    wires = [f.to_wire() for f in batch]
+    before = [dict(w) for w in wires]
+    data = pack_envelope("node-1", wires, lost)
+    assert wires == before  # the producer's dicts are not modified
+    raw = msgpack.unpackb(data)
+    assert raw["source"] == "node-1" and raw["lost"] == lost
+    distinct = {tuple(w[k]) for w in before for k in ("sl", "dl") if k in w}
+    assert sorted(map(tuple, raw.get(TABLE, []))) == sorted(distinct)  # each list once
+    assert all(isinstance(w.get(k, 0), int) for w in raw["items"] for k in ("sl", "dl"))
+    decoded = decode_batch(data)
+    assert [Flow.from_wire(w) for w in decoded] == batch
+
+
+def test_label_table_shares_one_list_per_distinct_label_set_and_shrinks_the_batch() -> None:
+    labels = [f"k8s:io.kubernetes.pod.namespace=x{i}" for i in range(7)]
+    wires = [Flow(time_ns=i, source=Endpoint(labels=labels), destination=Endpoint(
+        labels=labels[:3])).to_wire() for i in range(100)]
+    decoded = decode_batch(pack_envelope("n", wires, 0))
+    assert decoded[0]["sl"] == labels and decoded[0]["dl"] == labels[:3]
+    assert decoded[0]["sl"] is decoded[99]["sl"]  # decoded once per batch
+    inline = msgpack.packb({"source": "n", "items": wires, "lost": 0})
+    assert len(pack_envelope("n", wires, 0)) < len(inline) / 3
+
+
+def test_label_table_refuses_what_does_not_resolve() -> None:
+    for lt, items, field in (
+        ("no", [{"sl": 0}], "lt"), ([["ok"], [1]], [{"sl": 0}], "lt"),
+        ([["a"]], [{"sl": 1}], "sl/dl"), ([["a"]], [{"dl": -1}], "sl/dl"),
+        ([["a"]], [{"sl": ["inline"]}], "sl/dl"), ([["a"]], [{"sl": "0"}], "sl/dl"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            resolve_tables(items, lt)
+    items = [{"sl": 0, "dl": 0}, {"t": 1}]
+    resolve_tables(items, [["k8s:app=a"]])
+    assert items == [{"sl": ["k8s:app=a"], "dl": ["k8s:app=a"]}, {"t": 1}]
