@@ -387,7 +387,8 @@ class DatapathAgent:
             "audit": cfg.audit, "monitor_aggregation": cfg.monitor.aggregation.name.lower(),
             "policy_verdict_log": cfg.monitor.policy_verdicts.name.lower(),
             "programs": self.dp.program_info(), "synced": False, "cni": self.cni is not None,
-            "l7_proxy": self.pdp is not None, "lb": self.lb is not None,
+            "l7_proxy": self.pdp is not None,
+            "lb": {"synced": False, "map_writes": 0} if self.lb is not None else None,
         })
         self.ctx.on_shutdown(self.stop)
 
@@ -488,9 +489,10 @@ class DatapathAgent:
                     written = 0
                     for key in keys:
                         written += await self._run(self.lb.update, key, values.get(key))
+                before = self.ctx.status.get("lb") or {}
                 self.ctx.status["lb"] = {
                     "synced": True, "entries": len(self.lb_mirror.values),
-                    "map_writes": self.ctx.status.get("lb", {}).get("map_writes", 0) + written,
+                    "map_writes": before.get("map_writes", 0) + written,
                     "warnings": list(self.lb.warnings)}
             except Exception as exc:  # retry with a full sync on the next change
                 self.error(f"lb sync failed: {exc!r}")
