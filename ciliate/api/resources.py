@@ -8,8 +8,10 @@ leaves nothing half-applied.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +24,7 @@ from ciliate.resources.base import Resource
 from ciliate.resources.registry import KINDS, parse_resource
 from ciliate.store import Database, DatabaseUnavailable, ResourceRepository, StoredResource
 from ciliate.store.database import UnitOfWork
+from ciliate.store.resources import ApplyResult
 
 CLUSTER_SCOPE = "_"
 """Namespace placeholder in paths for cluster-scoped objects."""
@@ -55,6 +58,12 @@ class ResourceHandlers:
     on_apply: ApplyHook = _no_apply
     on_delete: DeleteHook = _no_delete
     after_commit: AfterCommit = _nothing
+    group_commit: int = 0
+    """Above 1: applies arriving while a transaction is open share the next one, up to this
+    many per transaction (see :class:`GroupCommit`); the hooks must then keep what they
+    collect for ``after_commit`` in a context variable, as each transaction runs in a task of
+    its own context."""
+    _group: GroupCommit | None = field(default=None, init=False, repr=False)
 
     def _kind(self, kind: str) -> str:
         if kind not in self.kinds:
@@ -67,23 +76,51 @@ class ResourceHandlers:
         dry_run = request.query.get("dryRun", "").lower() in ("1", "true", "all")
         resource = parse_resource(body)
         self._kind(resource.kind)
-        namespace = resource.metadata.namespace or ""
-        if resource.NAMESPACED and not namespace:
-            namespace = "default"
-            resource.metadata.namespace = namespace
+        if resource.NAMESPACED and not resource.metadata.namespace:
+            resource.metadata.namespace = "default"
         if not resource.NAMESPACED:
             resource.metadata.namespace = None
-            namespace = ""
+        if dry_run:
+            try:
+                async with self.db.unit_of_work() as uow:
+                    old = await ResourceRepository(uow.session).get(
+                        resource.kind, resource.metadata.namespace or "", resource.metadata.name
+                    )
+                    extra = await self.on_apply(uow, resource, old, True)
+            except DatabaseUnavailable as exc:
+                raise Problem(503, f"database unavailable: {exc}") from None
+            doc = resource.model_dump(mode="json", by_alias=True, exclude_none=True)
+            return web.json_response({"dryRun": True, "object": doc, **extra})
+        if self.group_commit > 1:
+            if self._group is None:
+                self._group = GroupCommit(self, self.group_commit)
+            result, extra = await self._group.submit(resource)
+        else:
+            result, extra = await self.apply_alone(resource)
+        status = 201 if result.created else 200
+        return web.json_response(
+            {"object": result.resource.to_document(), "created": result.created,
+             "changed": result.changed, **extra},
+            status=status,
+        )
+
+    async def _apply_in(
+        self, uow: UnitOfWork, resource: Resource
+    ) -> tuple[ApplyResult, dict[str, Any]]:
+        repo = ResourceRepository(uow.session)
+        old = await repo.get(
+            resource.kind, resource.metadata.namespace or "", resource.metadata.name
+        )
+        extra = await self.on_apply(uow, resource, old, False)
+        # After the hook: it may fill in what the service allocates (a clusterIP...).
+        doc = resource.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return await repo.apply(doc, existing=old), extra
+
+    async def apply_alone(self, resource: Resource) -> tuple[ApplyResult, dict[str, Any]]:
+        """Apply one object in its own transaction, then run ``after_commit`` if it changed."""
         try:
             async with self.db.unit_of_work() as uow:
-                repo = ResourceRepository(uow.session)
-                old = await repo.get(resource.kind, namespace, resource.metadata.name)
-                extra = await self.on_apply(uow, resource, old, dry_run)
-                # After the hook: it may fill in what the service allocates (a clusterIP...).
-                doc = resource.model_dump(mode="json", by_alias=True, exclude_none=True)
-                if dry_run:
-                    return web.json_response({"dryRun": True, "object": doc, **extra})
-                result = await repo.apply(doc, existing=old)
+                result, extra = await self._apply_in(uow, resource)
                 await uow.commit()
         except IntegrityError as exc:
             raise Problem(409, f"conflict: {exc.orig}") from None
@@ -91,12 +128,7 @@ class ResourceHandlers:
             raise Problem(503, f"database unavailable: {exc}") from None
         if result.changed:
             await self.after_commit()
-        status = 201 if result.created else 200
-        return web.json_response(
-            {"object": result.resource.to_document(), "created": result.created,
-             "changed": result.changed, **extra},
-            status=status,
-        )
+        return result, extra
 
     async def list(self, request: web.Request) -> web.Response:
         kind = self._kind(request.match_info["kind"])
@@ -156,6 +188,96 @@ class ResourceHandlers:
               summary="read one object (namespace '_' for cluster-scoped kinds)")
         route(app, "DELETE", "/v1/resources/{kind}/{namespace}/{name}", self.delete,
               summary="delete one object")
+
+
+Applied = tuple[ApplyResult, dict[str, Any]]
+
+
+@dataclass
+class _Job:
+    resource: Resource
+    done: asyncio.Future[Applied]
+
+
+class GroupCommit:
+    """Group commit for applies: one transaction (and one commit, one ``after_commit``) for the
+    applies that queued while the previous transactions were open.
+
+    At most ``workers`` transactions are open at once; each takes up to ``size`` queued applies,
+    ordered by kind, namespace and labels so that concurrent transactions take row locks keyed
+    by labels (identity references) in the same order. Each apply runs exactly as it would
+    alone, in sequence inside the shared transaction. If any of them fails, the whole
+    transaction rolls back and every apply of it runs again alone, so one refused apply never
+    takes the others with it and nothing is half-applied. A transaction runs in a task with a
+    copy of the context the group was created in, so what hooks collect in context variables
+    for ``after_commit`` is the transaction's own and is dropped with a rollback.
+    """
+
+    def __init__(self, handlers: ResourceHandlers, size: int, workers: int = 3) -> None:
+        self.handlers = handlers
+        self.size = size
+        self.workers = workers
+        self.queue: list[_Job] = []
+        self.running: set[asyncio.Task[None]] = set()
+        self.context = contextvars.copy_context()
+        self.batches = 0
+        self.fallbacks = 0
+
+    async def submit(self, resource: Resource) -> Applied:
+        job = _Job(resource, asyncio.get_running_loop().create_future())
+        self.queue.append(job)
+        if len(self.running) < self.workers:
+            task = asyncio.create_task(self._drain(), context=self.context.copy())
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+        return await asyncio.shield(job.done)
+
+    async def _drain(self) -> None:
+        while self.queue:
+            batch, self.queue = self.queue[: self.size], self.queue[self.size :]
+            batch.sort(key=_lock_order)
+            if len(batch) == 1:
+                await self._alone(batch[0])
+                continue
+            try:
+                results = await asyncio.create_task(
+                    self._together(batch), context=self.context.copy()
+                )
+            except Exception:  # every apply runs again alone and reports its own outcome
+                self.fallbacks += 1
+                await asyncio.gather(*(self._alone(job) for job in batch))
+                continue
+            self.batches += 1
+            for job, result in zip(batch, results, strict=True):
+                if not job.done.done():
+                    job.done.set_result(result)
+
+    async def _together(self, batch: list[_Job]) -> list[Applied]:
+        handlers = self.handlers
+        async with handlers.db.unit_of_work() as uow:
+            results = [await handlers._apply_in(uow, job.resource) for job in batch]
+            await uow.commit()
+        if any(result.changed for result, _extra in results):
+            await handlers.after_commit()
+        return results
+
+    async def _alone(self, job: _Job) -> None:
+        task = asyncio.create_task(
+            self.handlers.apply_alone(job.resource), context=self.context.copy()
+        )
+        try:
+            result = await task
+        except Exception as exc:  # handed to the request that sent it
+            if not job.done.done():
+                job.done.set_exception(exc)
+            return
+        if not job.done.done():
+            job.done.set_result(result)
+
+
+def _lock_order(job: _Job) -> tuple[str, str, list[tuple[str, str]], str]:
+    meta = job.resource.metadata
+    return (job.resource.kind, meta.namespace or "", sorted(meta.labels.items()), meta.name)
 
 
 def owned_kinds(service: str) -> frozenset[str]:
