@@ -3,21 +3,23 @@
     .venv/bin/python bench/events/run.py [--flows 200000] [--batch 256]
     .venv/bin/python bench/events/run.py --nats [--flows 300000] [--rate 20000] [--seconds 5]
 
-Flows are ~730 bytes on the wire (labels, workloads, summary, interface, as an enriched
-Hubble flow), published as ``BatchPublisher`` envelopes ``{"source", "items", "lost"}``.
+Flows are enriched as the datapath sends them (labels, workloads, summary, interface),
+published as the datapath's ``BatchPublisher`` envelope (``ciliate.flows.pack_envelope``:
+``{"source", "items", "lost", "lt"}``, each distinct label list once per batch in ``lt``):
+~290 bytes/flow; ~780 with the labels inline (the earlier envelope, ``--inline`` rows).
 
 Without ``--nats``: flows/s of ``Stream.ingest_bytes`` (the service's ingest: one msgpack
 decode per batch, chunk ring append, per-batch Hubble metrics, per-batch filtered fan-out)
 for growing configurations, next to msgpack decoding alone (the floor of any design that
-looks at every flow's fields) in the same run.
+looks at every flow's fields) in the same run, and the same two for the inline envelope.
 
 With ``--nats``: a nats-server and a publisher process sending pre-encoded batches as fast as
 it can (so the producer's encoding is not what is measured) on ``flows.n1``; the consumer
 subscribes with ``Bus.subscribe_raw`` as ``service.py`` does. Ingest flows/s for: decode only
 (baseline: NATS + msgpack on this machine), the service's ingest with 2 Hubble metrics and 1
-filtered follower, and with 10. Then the delivery latency (publish time, stamped into each
-flow's ``t``, to a follower task holding the record) for 10 followers with their own filters
-at ``--rate`` flows/s offered.
+filtered follower, and with 10; then decode only and 1 follower again with inline labels.
+Then the delivery latency (publish time, stamped into each flow's ``t``, to a follower task
+holding the record) for 10 followers with their own filters at ``--rate`` flows/s offered.
 """
 
 from __future__ import annotations
@@ -40,7 +42,15 @@ from typing import Any
 
 import msgpack
 
-from ciliate.flows import Endpoint, Flow, MessageType, TCPFlag, TrafficDirection, Verdict
+from ciliate.flows import (
+    Endpoint,
+    Flow,
+    MessageType,
+    TCPFlag,
+    TrafficDirection,
+    Verdict,
+    pack_envelope,
+)
 from ciliate.flows.model import Workload
 from services.events.core.cliflags import filters_from_flags
 from services.events.core.filters import FilterSet
@@ -103,17 +113,20 @@ def make_flows(n: int) -> list[Flow]:
     return out
 
 
-def envelope(items: list[dict[str, Any]]) -> bytes:
-    """What ``ciliate.bus.BatchPublisher`` sends."""
+def envelope(items: list[dict[str, Any]], inline: bool = False) -> bytes:
+    """What the datapath's ``BatchPublisher`` sends (``inline``: the earlier envelope, labels
+    in every flow)."""
+    if not inline:
+        return pack_envelope("n1", items, 0)
     data: bytes = msgpack.packb({"source": "n1", "items": items, "lost": 0}, use_bin_type=True)
     return data
 
 
-def encoded_batches(flows: int, batch: int) -> list[bytes]:
+def encoded_batches(flows: int, batch: int, inline: bool = False) -> list[bytes]:
     """Envelopes of ``batch`` flows; the flow objects are gone afterwards, so the collector
     does not walk a big test data set while ingest is measured."""
     wires = [f.to_wire() for f in make_flows(min(flows, 50_000))]
-    out = [envelope([wires[(i + j) % len(wires)] for j in range(batch)])
+    out = [envelope([wires[(i + j) % len(wires)] for j in range(batch)], inline)
            for i in range(0, flows, batch)]
     del wires
     gc.collect()
@@ -148,25 +161,32 @@ def in_process(args: argparse.Namespace) -> None:
     """Each configuration once per round, rounds repeated: load bursts from other processes
     hit every configuration alike; the best and the median round are reported."""
     batches = encoded_batches(args.flows, args.batch)
+    inline = encoded_batches(args.flows, args.batch, inline=True)
     total = len(batches) * args.batch
     size = sum(len(b) for b in batches) / total
-    print(f"{total:,} flows, {size:.0f} bytes/flow on the wire, batches of {args.batch}")
+    inline_size = sum(len(b) for b in inline) / total
+    print(f"{total:,} flows, {size:.0f} bytes/flow on the wire ({inline_size:.0f} with labels "
+          f"inline), batches of {args.batch}")
 
     def decode_only(data: bytes) -> object:
         return msgpack.unpackb(data, use_list=False)
 
-    runs: list[tuple[str, Callable[[bytes], object], list[Any]]] = [
-        ("msgpack decode alone (baseline)", decode_only, [])]
+    runs: list[tuple[str, Callable[[bytes], object], list[Any], list[bytes]]] = [
+        ("msgpack decode alone (baseline)", decode_only, [], batches)]
     for name, metrics, followers in CONFIGS:
         stream, subs = stream_with(metrics, followers)
-        runs.append((name, partial(stream.ingest_bytes, "n1"), subs))
-    wall: dict[str, list[float]] = {name: [] for name, _, _ in runs}
-    cpu: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+        runs.append((name, partial(stream.ingest_bytes, "n1"), subs, batches))
+    runs.append(("inline labels: msgpack decode alone", decode_only, [], inline))
+    stream, subs = stream_with(*CONFIGS[3][1:])
+    runs.append(("inline labels: ingest + 2 metrics + 1 follower",
+                 partial(stream.ingest_bytes, "n1"), subs, inline))
+    wall: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    cpu: dict[str, list[float]] = {name: [] for name, *_ in runs}
     for _ in range(args.repeat):
-        for name, ingest, subs in runs:
+        for name, ingest, subs, data in runs:
             gc.collect()
             start, cpu_start = time.perf_counter(), time.process_time()
-            for b in batches:
+            for b in data:
                 ingest(b)
                 for f in subs:  # followers keep up here; the cost measured is ingest's
                     f.drain()
@@ -174,7 +194,7 @@ def in_process(args: argparse.Namespace) -> None:
             cpu[name].append(total / (time.process_time() - cpu_start))
     print(f"{'':<44} {'flows/s wall':>14} {'flows/CPU-s':>12} "
           f"(best; median of {args.repeat})")
-    for name, _, _ in runs:
+    for name, *_ in runs:
         print(f"{name:<44} {max(wall[name]):>14,.0f} {max(cpu[name]):>12,.0f} "
               f"({statistics.median(wall[name]):,.0f}; {statistics.median(cpu[name]):,.0f})")
 
@@ -185,7 +205,7 @@ WINDOW = 32
 to keep the consumer busy, few enough that nats-server never cuts it off as a slow consumer."""
 
 
-async def publish(url: str, flows: int, batch: int, rate: float) -> None:
+async def publish(url: str, flows: int, batch: int, rate: float, inline: bool) -> None:
     """The publisher process: pre-encoded envelopes as fast as the consumer acks, or stamped
     with the current time at a fixed rate."""
     import nats
@@ -203,7 +223,8 @@ async def publish(url: str, flows: int, batch: int, rate: float) -> None:
 
         await nc.subscribe(ACK_SUBJECT, cb=on_ack)
         await nc.flush()
-        packed = [envelope(wires[i:i + batch]) for i in range(0, len(wires) - batch + 1, batch)]
+        packed = [envelope(wires[i:i + batch], inline)
+                  for i in range(0, len(wires) - batch + 1, batch)]
         i = 0
         while sent < flows:
             while i - acked[0] >= WINDOW:
@@ -220,19 +241,21 @@ async def publish(url: str, flows: int, batch: int, rate: float) -> None:
             await asyncio.sleep(delay)
         now = time.time_ns()
         items = [{**wires[(sent + i) % len(wires)], "t": now} for i in range(batch)]
-        await nc.publish("flows.n1", envelope(items))
+        await nc.publish("flows.n1", envelope(items, inline))
         sent += batch
     await nc.flush()
     await nc.close()
 
 
-def _spawn_publisher(url: str, flows: int, batch: int, rate: float) -> subprocess.Popen[bytes]:
+def _spawn_publisher(url: str, flows: int, batch: int, rate: float,
+                     inline: bool = False) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, __file__, "--publish", url, "--flows", str(flows),
-                             "--batch", str(batch), "--rate", str(rate)])
+                             "--batch", str(batch), "--rate", str(rate)]
+                            + (["--inline"] if inline else []))
 
 
 async def _ingest_run(bus: Any, url: str, name: str, args: argparse.Namespace,
-                      consume: Callable[[bytes], int]) -> None:
+                      consume: Callable[[bytes], int], inline: bool = False) -> None:
     """Publisher at full speed; flows/s from the first to the last message consumed."""
     total = args.flows - args.flows % args.batch
     got = [0, 0]
@@ -257,7 +280,7 @@ async def _ingest_run(bus: Any, url: str, name: str, args: argparse.Namespace,
     sub = await bus.subscribe_raw("flows.*", on_msg)
     await bus.nc.flush()
     gc.collect()
-    pub = _spawn_publisher(url, total, args.batch, 0)
+    pub = _spawn_publisher(url, total, args.batch, 0, inline)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done.wait(), 120)
     pub.wait(30)
@@ -295,6 +318,20 @@ async def nats_bench(args: argparse.Namespace) -> None:
                     return n
 
                 await _ingest_run(bus, server.url, name, args, ingest)
+            if not args.latency_only:
+                await _ingest_run(bus, server.url, "inline labels: msgpack decode alone", args,
+                                  decode_only, inline=True)
+                stream, subs = stream_with(*CONFIGS[3][1:])
+
+                def ingest_inline(data: bytes, stream: Stream = stream,
+                                  subs: list[Any] = subs) -> int:
+                    n = stream.ingest_bytes("n1", data)
+                    for f in subs:
+                        f.drain()
+                    return n
+
+                await _ingest_run(bus, server.url, "inline labels: ingest + 2 metrics + 1 follower",
+                                  args, ingest_inline, inline=True)
 
             stream, _ = stream_with(SERVICE_METRICS, 0)
             latencies: list[int] = []
@@ -352,9 +389,10 @@ def main() -> None:
                          "max_delay at 5,000 flows/s per node)")
     ap.add_argument("--latency-only", action="store_true", help="with --nats: skip ingest runs")
     ap.add_argument("--publish", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.publish:
-        asyncio.run(publish(args.publish, args.flows, args.batch, args.rate))
+        asyncio.run(publish(args.publish, args.flows, args.batch, args.rate, args.inline))
         return
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
           f"Python {sys.version.split()[0]}, msgpack {msgpack.version}")
