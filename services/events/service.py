@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -48,6 +49,8 @@ from services.events.observer import Stream, fill_node
 UI_DIR = Path(__file__).parent / "ui"
 UI_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 KEEPALIVE_SECONDS = 15.0
+OTLP_SHUTDOWN_SECONDS = 3.0
+"""At stop, how long queued OTLP records may take to flush before they are given up."""
 READ_LIMIT = 1000
 """Records taken from a follower's queue per write: one socket write carries a batch."""
 
@@ -65,6 +68,7 @@ class Observer:
         self.processes = Stream("process", config.ring_size, config.follower_queue,
                                 _prepare_process)
         self.metrics = FlowMetrics(list(config.metrics))
+        self.otlp_status: Callable[[], dict[str, Any]] | None = None
         if config.metrics:
             self.flows.hooks.append(self.metrics.observe_many)
 
@@ -242,6 +246,61 @@ async def _start_export(ctx: ServiceContext, observer: Observer) -> None:
     ctx.spawn(run(), name="export")
 
 
+async def _start_otlp(ctx: ServiceContext, observer: Observer) -> None:
+    """OTLP log export (off unless ``CILIATE_EVENTS_OTLP_ENDPOINT`` is set). The SDK and its
+    HTTP client are imported only then."""
+    cfg = observer.config
+    if not cfg.otlp.endpoint:
+        return
+    from services.events.export_otlp import OtlpExporter
+
+    exporter = OtlpExporter(cfg.otlp)
+    follower = observer.flows.hub.add(maxlen=max(cfg.follower_queue, 65536))
+
+    def stats() -> dict[str, Any]:
+        return {**exporter.stats(), "dropped": follower.dropped_total}
+
+    def status() -> None:
+        ctx.status["otlp"] = stats()
+
+    observer.otlp_status = stats
+
+    async def run() -> None:
+        while not follower.closed:
+            exporter.emit(await follower.get(READ_LIMIT))
+            status()
+
+    async def refresh() -> None:  # export results arrive from the SDK's thread
+        while True:
+            await asyncio.sleep(1.0)
+            status()
+
+    async def shutdown() -> None:
+        observer.flows.hub.remove(follower)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def finish() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def stop() -> None:  # a daemon thread: a collector that hangs cannot hold the exit
+            try:
+                exporter.shutdown(OTLP_SHUTDOWN_SECONDS)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                    loop.call_soon_threadsafe(finish)
+
+        threading.Thread(target=stop, name="otlp-shutdown", daemon=True).start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done, OTLP_SHUTDOWN_SECONDS + 1)
+        status()
+
+    ctx.spawn(run(), name="otlp-export")
+    ctx.spawn(refresh(), name="otlp-status")
+    ctx.on_shutdown(shutdown)
+
+
 def _add_ui(app: web.Application) -> None:
     """Static files, served open: a browser fetches them before it can hold the token, and they
     contain no data; every API call the page makes carries the bearer header."""
@@ -305,6 +364,7 @@ async def setup(ctx: ServiceContext) -> None:
             "num_connected_nodes": len(flows.rings),
             "flows": flows.stats(),
             "process": observer.processes.stats(),
+            **({"otlp": observer.otlp_status()} if observer.otlp_status else {}),
         })
 
     route(app, "GET", "/v1/flows", flows_handler, query=FLOW_PARAMS,
@@ -326,6 +386,7 @@ async def setup(ctx: ServiceContext) -> None:
 
     app.on_shutdown.append(close_followers)
     await _start_export(ctx, observer)
+    await _start_otlp(ctx, observer)
 
     def status() -> None:
         ctx.status["flows_seen"] = observer.flows.received_total

@@ -9,6 +9,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from services.events.core.exporter import ExportConfig
 from services.events.core.filters import FilterError, FlowFilter
@@ -35,6 +36,16 @@ ENV_DOC: dict[str, str] = {
     "CILIATE_EVENTS_EXPORT_ALLOWLIST": "JSON list of FlowFilter objects (or one per line)",
     "CILIATE_EVENTS_EXPORT_DENYLIST": "JSON list of FlowFilter objects (or one per line)",
     "CILIATE_EVENTS_EXPORT_FIELDMASK": "comma/space separated field paths kept in each flow",
+    "CILIATE_EVENTS_OTLP_ENDPOINT": "OTLP/HTTP logs URL (http://collector:4318/v1/logs; a URL "
+                                    "without a path gets /v1/logs); unset = no OTLP export",
+    "CILIATE_EVENTS_OTLP_HEADERS": "headers of each export request, key=value,key2=value2 "
+                                   "(values URL-encoded, as OTEL_EXPORTER_OTLP_HEADERS)",
+    "CILIATE_EVENTS_OTLP_TIMEOUT": "seconds per export request, default 10",
+    "CILIATE_EVENTS_OTLP_QUEUE": "log records queued for export before drops are counted, "
+                                 "default 8192",
+    "CILIATE_EVENTS_OTLP_ALLOWLIST": "as CILIATE_EVENTS_EXPORT_ALLOWLIST, for OTLP export",
+    "CILIATE_EVENTS_OTLP_DENYLIST": "as CILIATE_EVENTS_EXPORT_DENYLIST, for OTLP export",
+    "CILIATE_EVENTS_OTLP_FIELDMASK": "as CILIATE_EVENTS_EXPORT_FIELDMASK, for OTLP export",
 }
 
 
@@ -42,6 +53,17 @@ class ConfigError(ValueError):
     def __init__(self, variable: str, message: str) -> None:
         super().__init__(f"{variable}: {message}")
         self.variable = variable
+
+
+@dataclass
+class OtlpConfig:
+    """OTLP log export: off while ``endpoint`` is empty."""
+
+    endpoint: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout: float = 10.0
+    queue: int = 8192
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 @dataclass
@@ -53,6 +75,7 @@ class EventsConfig:
     export_max_bytes: int = 10 * 1024 * 1024
     export_backups: int = 5
     export: ExportConfig = field(default_factory=ExportConfig)
+    otlp: OtlpConfig = field(default_factory=OtlpConfig)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -98,6 +121,62 @@ def parse_filter_list(text: str, name: str) -> list[FlowFilter]:
         raise ConfigError(name, str(exc)) from None
 
 
+def parse_endpoint(text: str, name: str) -> str:
+    """An http(s) URL with a host; one without a path gets OTLP's ``/v1/logs``."""
+    text = text.strip()
+    if not text:
+        return ""
+    try:
+        url = urlsplit(text)
+        url.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(name, f"not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(name, f"must be an http:// or https:// URL with a host, got {text!r}")
+    if url.path in ("", "/"):
+        url = url._replace(path="/v1/logs")
+    return urlunsplit(url)
+
+
+def parse_headers(text: str, name: str) -> dict[str, str]:
+    """``key=value,key2=value2`` (OTEL_EXPORTER_OTLP_HEADERS' form, values URL-encoded)."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", key):
+            raise ConfigError(name, f"expected key=value pairs separated by commas, got {item!r}")
+        value = unquote(value.strip())
+        if any(c in value for c in "\r\n\0"):
+            raise ConfigError(name, f"header {key!r}: value has a line break or NUL")
+        out[key] = value
+    return out
+
+
+def _export_config(env: Mapping[str, str], prefix: str) -> ExportConfig:
+    mask = [p for p in re.split(r"[\s,]+", env.get(prefix + "FIELDMASK", "")) if p]
+    return ExportConfig(
+        allow_list=parse_filter_list(env.get(prefix + "ALLOWLIST", ""), prefix + "ALLOWLIST"),
+        deny_list=parse_filter_list(env.get(prefix + "DENYLIST", ""), prefix + "DENYLIST"),
+        field_mask=mask,
+    )
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"not a number of seconds: {raw!r}") from None
+    if not 0 < value <= 300:
+        raise ConfigError(name, f"must be more than 0 and at most 300 seconds, got {raw}")
+    return value
+
+
 def from_env(env: Mapping[str, str]) -> EventsConfig:
     ring_size = _int(env, "CILIATE_EVENTS_RING_SIZE", DEFAULT_CAPACITY, 1)
     if not valid_capacity(ring_size):
@@ -108,7 +187,6 @@ def from_env(env: Mapping[str, str]) -> EventsConfig:
         metrics = parse_metrics(metrics_text)
     except ValueError as exc:
         raise ConfigError("CILIATE_HUBBLE_METRICS", str(exc)) from None
-    mask = [p for p in re.split(r"[\s,]+", env.get("CILIATE_EVENTS_EXPORT_FIELDMASK", "")) if p]
     return EventsConfig(
         ring_size=ring_size,
         follower_queue=_int(env, "CILIATE_EVENTS_FOLLOWER_QUEUE", 4096, 1),
@@ -116,11 +194,14 @@ def from_env(env: Mapping[str, str]) -> EventsConfig:
         export_path=env.get("CILIATE_EVENTS_EXPORT_FILE", "").strip(),
         export_max_bytes=_int(env, "CILIATE_EVENTS_EXPORT_MAX_SIZE_MB", 10, 1) * 1024 * 1024,
         export_backups=_int(env, "CILIATE_EVENTS_EXPORT_MAX_BACKUPS", 5, 0),
-        export=ExportConfig(
-            allow_list=parse_filter_list(env.get("CILIATE_EVENTS_EXPORT_ALLOWLIST", ""),
-                                         "CILIATE_EVENTS_EXPORT_ALLOWLIST"),
-            deny_list=parse_filter_list(env.get("CILIATE_EVENTS_EXPORT_DENYLIST", ""),
-                                        "CILIATE_EVENTS_EXPORT_DENYLIST"),
-            field_mask=mask,
+        export=_export_config(env, "CILIATE_EVENTS_EXPORT_"),
+        otlp=OtlpConfig(
+            endpoint=parse_endpoint(env.get("CILIATE_EVENTS_OTLP_ENDPOINT", ""),
+                                    "CILIATE_EVENTS_OTLP_ENDPOINT"),
+            headers=parse_headers(env.get("CILIATE_EVENTS_OTLP_HEADERS", ""),
+                                  "CILIATE_EVENTS_OTLP_HEADERS"),
+            timeout=_seconds(env, "CILIATE_EVENTS_OTLP_TIMEOUT", 10.0),
+            queue=_int(env, "CILIATE_EVENTS_OTLP_QUEUE", 8192, 1),
+            export=_export_config(env, "CILIATE_EVENTS_OTLP_"),
         ),
     )

@@ -15,6 +15,7 @@ from ciliate.flows import (
     TCPFlag,
     Verdict,
     drop_flow_defaults,
+    get_flows_response,
     trace_flow_defaults,
 )
 from ciliate.flows.tables import LostEventSource, MonitorTracePoint
@@ -84,6 +85,27 @@ def test_exporter_allow_deny_and_field_mask() -> None:
     assert obj["flow"] == {"time": "1970-01-01T00:00:00.000000005Z", "verdict": "DROPPED",
                            "source": {"namespace": "x"}}
     assert (core.exported, core.skipped) == (1, 1)
+
+
+def test_otlp_log_record_body_is_the_response_json_and_attributes_follow_the_mask() -> None:
+    core = ExporterCore(ExportConfig(deny_list=[FlowFilter(verdict=["FORWARDED"])]))
+    assert core.render_log(_trace()) is None
+    rec = core.render_log(_drop())
+    assert rec is not None and rec.time_ns == 5
+    assert json.loads(rec.body) == get_flows_response(_drop())
+    assert rec.attributes["cilium.event_kind"] == "flow/v1alpha2"
+    assert rec.attributes["cilium.flow.verdict"] == "DROPPED"
+    assert rec.attributes["cilium.flow.drop_reason"] == "POLICY_DENIED"
+    assert rec.attributes["cilium.flow.destination.pod_name"] == "b"
+    masked = ExporterCore(ExportConfig(field_mask=["verdict"])).render_log(_drop())
+    assert masked is not None
+    assert [k for k in masked.attributes if k.startswith("cilium.flow.")] == [
+        "cilium.flow.verdict"]
+    lost = LostEvent(source=LostEventSource.PERF_EVENT_RING_BUFFER, num_events_lost=3,
+                     time_ns=9).to_wire()
+    rec = core.render_log(lost)
+    assert rec is not None and rec.attributes["cilium.event_kind"] == "lost_events"
+    assert json.loads(rec.body)["lost_events"]["num_events_lost"] == "3"
 
 
 def test_field_mask_keeps_whole_messages_and_merges_siblings() -> None:

@@ -72,6 +72,38 @@ def test_config_from_environment() -> None:
     assert from_env({"CILIATE_HUBBLE_METRICS": ""}).metrics == []
 
 
+def test_otlp_config_from_environment() -> None:
+    assert from_env({}).otlp.endpoint == ""  # off by default
+    cfg = from_env({"CILIATE_EVENTS_OTLP_ENDPOINT": "https://otel.example:4318",
+                    "CILIATE_EVENTS_OTLP_HEADERS": "authorization=Bearer%20t, x-tenant=a",
+                    "CILIATE_EVENTS_OTLP_TIMEOUT": "2.5", "CILIATE_EVENTS_OTLP_QUEUE": "100",
+                    "CILIATE_EVENTS_OTLP_DENYLIST": '[{"verdict": ["DROPPED"]}]',
+                    "CILIATE_EVENTS_OTLP_FIELDMASK": "time verdict",
+                    "CILIATE_EVENTS_EXPORT_FIELDMASK": "uuid"}).otlp
+    assert cfg.endpoint == "https://otel.example:4318/v1/logs"
+    assert cfg.headers == {"authorization": "Bearer t", "x-tenant": "a"}
+    assert (cfg.timeout, cfg.queue) == (2.5, 100)
+    assert len(cfg.export.deny_list) == 1 and cfg.export.field_mask == ["time", "verdict"]
+    url = "http://127.0.0.1:4318/otlp/v1/logs"
+    assert from_env({"CILIATE_EVENTS_OTLP_ENDPOINT": url}).otlp.endpoint == url
+
+
+@pytest.mark.parametrize(("env", "variable"), [
+    ({"CILIATE_EVENTS_OTLP_ENDPOINT": "ftp://x/"}, "CILIATE_EVENTS_OTLP_ENDPOINT"),
+    ({"CILIATE_EVENTS_OTLP_ENDPOINT": "http://:4318/"}, "CILIATE_EVENTS_OTLP_ENDPOINT"),
+    ({"CILIATE_EVENTS_OTLP_ENDPOINT": "http://h:port/"}, "CILIATE_EVENTS_OTLP_ENDPOINT"),
+    ({"CILIATE_EVENTS_OTLP_HEADERS": "novalue"}, "CILIATE_EVENTS_OTLP_HEADERS"),
+    ({"CILIATE_EVENTS_OTLP_HEADERS": "a=b%0D%0Ax: y"}, "CILIATE_EVENTS_OTLP_HEADERS"),
+    ({"CILIATE_EVENTS_OTLP_TIMEOUT": "0"}, "CILIATE_EVENTS_OTLP_TIMEOUT"),
+    ({"CILIATE_EVENTS_OTLP_QUEUE": "0"}, "CILIATE_EVENTS_OTLP_QUEUE"),
+    ({"CILIATE_EVENTS_OTLP_ALLOWLIST": "[{"}, "CILIATE_EVENTS_OTLP_ALLOWLIST"),
+])
+def test_bad_otlp_config_names_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_env(env)
+    assert err.value.variable == variable
+
+
 @pytest.mark.parametrize(("env", "variable"), [
     ({"CILIATE_EVENTS_RING_SIZE": "4096"}, "CILIATE_EVENTS_RING_SIZE"),
     ({"CILIATE_EVENTS_RING_SIZE": "x"}, "CILIATE_EVENTS_RING_SIZE"),
