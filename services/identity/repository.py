@@ -81,6 +81,8 @@ T = TypeVar("T")
 CHUNK = 1000
 """Rows per statement: well inside SQLite's and asyncpg's bound-parameter limits."""
 MAX_ATTEMPTS = 50
+REFRESH_AFTER = 4
+"""Refused slot inserts after which a pod apply adds the committed slots to its view."""
 
 
 class SchemaMissing(RuntimeError):
@@ -570,6 +572,14 @@ class AddressRepository:
             taken = self.slots.addresses[cidr] = {str(r[0]) for r in rows}
         return taken
 
+    async def _learn_addresses(self, cidr: str, taken: set[str]) -> None:
+        """Add the CIDR's committed addresses to the view (another replica took a run of them:
+        learning them one refused insert at a time would not end within the attempts)."""
+        rows = await self.session.execute(
+            sa.select(ip_allocations.c.ip).where(ip_allocations.c.pool == cidr)
+        )
+        taken.update(str(r[0]) for r in rows)
+
     async def _insert_address(self, ip: str, owner: str, node: str, pool: str) -> bool:
         if _is_postgres(self.session):
             got = await self.session.execute(_PG_INSERT_ADDRESS, {
@@ -590,7 +600,7 @@ class AddressRepository:
         cidr = await self.node_cidr(node)
         taken = await self._taken_addresses(cidr)
         reloaded = False
-        for _ in range(MAX_ATTEMPTS):
+        for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 ip = self.ipam.next_address(cidr, taken)
             except IpamError:
@@ -602,6 +612,8 @@ class AddressRepository:
             taken.add(ip)  # reserved before the await: concurrent requests pick another
             if await self._insert_address(ip, owner, node, cidr):
                 return ip
+            if attempt % REFRESH_AFTER == 0:
+                await self._learn_addresses(cidr, taken)
         raise IpamError("status.podIP", f"could not allocate an address in {cidr}")
 
     async def of_owner(self, owner: str) -> list[str]:
@@ -652,7 +664,12 @@ class AddressRepository:
         taken = await self._taken_endpoint_ids()
         reloaded = False
         postgres = _is_postgres(self.session)
-        for _ in range(MAX_ATTEMPTS):
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            if attempt % REFRESH_AFTER == 0:
+                # Another replica took a run of ids (a group of applies commits dozens at
+                # once): learn them all rather than one refused insert at a time.
+                taken.update(int(r[0]) for r in await self.session.execute(
+                    sa.select(endpoints.c.id)))
             try:
                 ident = next_endpoint_id(taken)
             except RuntimeError:

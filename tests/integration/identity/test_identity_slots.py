@@ -104,3 +104,26 @@ async def test_a_node_cidr_assigned_in_a_rolled_back_transaction_is_not_cached(
     async with any_db.unit_of_work() as uow:
         assert await AddressRepository(uow.session, slots=view).node_cidr("n1") == "10.244.1.0/24"
     assert view.node_cidrs == {"n1": "10.244.1.0/24"}
+
+
+async def test_a_view_missing_a_long_run_of_slots_learns_them(any_db: Database) -> None:
+    """One replica commits a group of 120 pods; the other's view knows none of them. Its next
+    pod still gets a slot (more refusals than the attempts allow, so it must read what is taken
+    rather than learn one refused insert at a time)."""
+    busy, stale = AddressSlots(), AddressSlots()
+    async with any_db.unit_of_work() as uow:
+        repo = AddressRepository(uow.session, slots=stale)
+        assert await repo.endpoint_id("ns/first") == 1  # the stale view is loaded, then lags
+        assert await repo.allocate("ns/first", "n1") == "10.244.0.2"
+        await uow.commit()
+    async with any_db.unit_of_work() as uow:
+        repo = AddressRepository(uow.session, slots=busy)
+        for index in range(120):
+            await repo.endpoint_id(f"ns/group{index}")
+            await repo.allocate(f"ns/group{index}", "n1")
+        await uow.commit()
+    async with any_db.unit_of_work() as uow:
+        repo = AddressRepository(uow.session, slots=stale)
+        assert await repo.endpoint_id("ns/late") == 122
+        assert await repo.allocate("ns/late", "n1") == "10.244.0.123"
+        await uow.commit()
