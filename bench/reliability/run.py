@@ -3,6 +3,7 @@ mixed kinds, then pods registered at a fixed rate over many virtual nodes with S
 NetworkPolicies over them. Reports convergence time and each service's peak memory (VmHWM).
 
     .venv/bin/python -m bench.reliability.run [--pods 10000 --rate 200 --nodes 50]
+                                              [--db postgres|sqlite] [--identity-replicas 2]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import json
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -31,6 +33,10 @@ def proc_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def loadavg() -> list[str]:
+    return Path("/proc/loadavg").read_text().split()[:3]
 
 
 def pod(ns: str, name: str, app: str, node: str) -> dict[str, Any]:
@@ -64,6 +70,7 @@ class Load:
         self.turn = 0
         self.statuses: dict[int, int] = {}
         self.refusals: list[str] = []
+        self.pods_ok = 0
 
     async def apply(self, doc: dict[str, Any]) -> int:
         owner = {"Pod": "identity", "Namespace": "identity", "Service": "lb",
@@ -84,6 +91,8 @@ class Load:
         if resp_status >= 300 and len(self.refusals) < 5:
             self.refusals.append(f"{doc['kind']} {resp_status} {body[:300]!r}")
         self.statuses[resp_status] = self.statuses.get(resp_status, 0) + 1
+        if doc["kind"] == "Pod" and resp_status < 300:
+            self.pods_ok += 1
         return resp_status
 
 
@@ -95,14 +104,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     import asyncpg  # type: ignore[import-untyped]
 
     dbname = f"ciliate_bench_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(f"{PG}/test")
-    await admin.execute(f'CREATE DATABASE "{dbname}"')
+    admin = None
+    if args.db == "postgres":
+        admin = await asyncpg.connect(f"{PG}/test")
+        await admin.execute(f'CREATE DATABASE "{dbname}"')
     state = Path(tempfile.mkdtemp(prefix="ciliate-rel-bench-"))
     stack = Stack(StackConfig(state_dir=state, nodes=args.nodes, agents=False,
                               services=SERVICES, replicas={"identity": args.identity_replicas},
-                              db_url=f"{PG}/{dbname}"))
-    result: dict[str, Any] = {"pods": args.pods, "rate": args.rate, "nodes": args.nodes,
-                              "identity_replicas": args.identity_replicas}
+                              db_url=f"{PG}/{dbname}" if admin is not None else None))
+    result: dict[str, Any] = {"db": args.db, "pods": args.pods, "rate": args.rate,
+                              "nodes": args.nodes, "identity_replicas": args.identity_replicas,
+                              "loadavg_start": await asyncio.to_thread(loadavg)}
     try:
         await asyncio.to_thread(stack.start)
         assert await asyncio.to_thread(stack.wait_ready, 120)
@@ -150,7 +162,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sent = time.monotonic() - started
         await asyncio.gather(*pending)
         acked = time.monotonic() - started
-        expected = args.pods + sum(1 for d in mixed if d["kind"] == "Pod")
+        expected = load.pods_ok  # every pod whose apply was acknowledged; refusals reported
+        result["pods_offered"] = args.pods + sum(1 for d in mixed if d["kind"] == "Pod")
         converged: dict[str, float] = {}
         deadline = time.monotonic() + args.converge_timeout
         while time.monotonic() < deadline and len(converged) < 3:
@@ -188,8 +201,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await bus.close()
     finally:
         await asyncio.to_thread(stack.stop)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        await admin.close()
+        shutil.rmtree(state, ignore_errors=True)
+        if admin is not None:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+            await admin.close()
+    result["loadavg_end"] = await asyncio.to_thread(loadavg)
     return result
 
 
@@ -203,6 +219,8 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=1000)
     parser.add_argument("--identity-replicas", type=int, default=2)
     parser.add_argument("--converge-timeout", type=float, default=600)
+    parser.add_argument("--db", choices=("postgres", "sqlite"), default="postgres",
+                        help="sqlite: the stack's default database file in the state dir")
     args = parser.parse_args()
     json.dump(asyncio.run(run(args)), sys.stdout, indent=2)
     sys.stdout.write("\n")
