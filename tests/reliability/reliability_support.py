@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,6 +23,8 @@ import aiohttp
 from ciliate.stack.supervisor import Child, Stack, StackConfig
 
 NON_AGENTS = ("identity", "policy", "lb", "events")
+AGENTS = ("datapath", "security")
+"""Per-node agents: started only as root (BPF, network namespaces, cgroups)."""
 OPEN_ROUTES = {("GET", "/healthz"), ("GET", "/readyz")}
 UI_ROUTES = {("GET", "/ui"), ("GET", "/ui/"), ("GET", "/ui/{name}")}
 """The events UI's static files are open by design (no data; the page's API calls carry the
@@ -29,10 +32,11 @@ token); their handler serves a fixed list of file names."""
 
 
 def start_stack(state_dir: Path, *, replicas: dict[str, int] | None = None,
-                db_url: str | None = None, services: tuple[str, ...] = NON_AGENTS) -> Stack:
+                db_url: str | None = None, services: tuple[str, ...] = NON_AGENTS,
+                agents: bool = False) -> Stack:
     """A started, ready embedded stack (per-service NATS users, bearer token)."""
     stack = Stack(StackConfig(state_dir=state_dir, services=services, replicas=replicas or {},
-                              db_url=db_url, agents=False))
+                              db_url=db_url, agents=agents))
     try:
         stack.start()
         if not stack.wait_ready(90):
@@ -138,3 +142,43 @@ def pod(namespace: str, name: str, app: str = "web", node: str = "node-1") -> di
 
 def namespace(name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+
+
+METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def concrete(path: str) -> str:
+    """An OpenAPI path with every ``{param}`` filled in."""
+    return re.sub(r"\{[^}]+\}", "x", path)
+
+
+async def operations(rest: Rest, base: str) -> dict[tuple[str, str], bool]:
+    """Every documented operation, and whether the document declares it open."""
+    status, doc = await rest.call("GET", base + "/openapi.json")
+    assert status == 200, doc
+    return {(method.upper(), path): op.get("security") == []
+            for path, item in doc["paths"].items()
+            for method, op in item.items() if method in METHODS}
+
+
+async def walk_routes(stack: Stack, service: str,
+                      allowed_open: set[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+    """Call every operation of the service's OpenAPI document without the token, with a wrong
+    one and with one lacking ``Bearer``: 401 problem documents, except ``allowed_open``, which
+    must be exactly the operations the document declares open. Returns the operations."""
+    base = children(stack, service)[0].url
+    async with Rest(stack) as rest, aiohttp.ClientSession() as anonymous:
+        ops = await operations(rest, base)
+        assert {op for op, is_open in ops.items() if is_open} == allowed_open
+        for method, path in ops:
+            for headers in ({}, {"Authorization": "Bearer wrong"},
+                            {"Authorization": stack.token}):
+                async with anonymous.request(method, base + concrete(path), headers=headers,
+                                             json={}) as resp:
+                    if (method, path) in allowed_open:
+                        assert resp.status in (200, 404, 503), (method, path, resp.status)
+                    else:
+                        assert resp.status == 401, (service, method, path, headers,
+                                                    resp.status)
+                        assert resp.content_type == "application/problem+json"
+    return ops
