@@ -117,15 +117,30 @@ class ResourceHandlers:
         return await repo.apply(doc, existing=old), extra
 
     async def apply_alone(self, resource: Resource) -> tuple[ApplyResult, dict[str, Any]]:
-        """Apply one object in its own transaction, then run ``after_commit`` if it changed."""
-        try:
-            async with self.db.unit_of_work() as uow:
-                result, extra = await self._apply_in(uow, resource)
-                await uow.commit()
-        except IntegrityError as exc:
-            raise Problem(409, f"conflict: {exc.orig}") from None
-        except DatabaseUnavailable as exc:
-            raise Problem(503, f"database unavailable: {exc}") from None
+        """Apply one object in its own transaction, then run ``after_commit`` if it changed.
+
+        An apply that loses a race to create the same object (both read "absent", the other
+        inserted first) runs once more and updates it, as an apply is idempotent. Each attempt
+        runs on a copy of the object (hooks fill in what they allocate) in a task with a copy
+        of this context, so what the hooks collected in a rolled-back attempt is dropped.
+        """
+        base = contextvars.copy_context()
+        for attempt in (1, 2):
+            try:
+                return await asyncio.create_task(
+                    self._attempt(resource.model_copy(deep=True)), context=base.copy()
+                )
+            except IntegrityError as exc:
+                if attempt == 2:
+                    raise Problem(409, f"conflict: {exc.orig}") from None
+            except DatabaseUnavailable as exc:
+                raise Problem(503, f"database unavailable: {exc}") from None
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, resource: Resource) -> tuple[ApplyResult, dict[str, Any]]:
+        async with self.db.unit_of_work() as uow:
+            result, extra = await self._apply_in(uow, resource)
+            await uow.commit()
         if result.changed:
             await self.after_commit()
         return result, extra
@@ -207,8 +222,9 @@ class GroupCommit:
     ordered by kind, namespace and labels so that concurrent transactions take row locks keyed
     by labels (identity references) in the same order. Each apply runs exactly as it would
     alone, in sequence inside the shared transaction. If any of them fails, the whole
-    transaction rolls back and every apply of it runs again alone, so one refused apply never
-    takes the others with it and nothing is half-applied. A transaction runs in a task with a
+    transaction rolls back and every apply of it runs again alone (from the object as it
+    arrived, not as the hooks filled it in), so one refused apply never takes the others with
+    it and nothing is half-applied. A transaction runs in a task with a
     copy of the context the group was created in, so what hooks collect in context variables
     for ``after_commit`` is the transaction's own and is dropped with a rollback.
     """
@@ -255,7 +271,10 @@ class GroupCommit:
     async def _together(self, batch: list[_Job]) -> list[Applied]:
         handlers = self.handlers
         async with handlers.db.unit_of_work() as uow:
-            results = [await handlers._apply_in(uow, job.resource) for job in batch]
+            results = [
+                await handlers._apply_in(uow, job.resource.model_copy(deep=True))
+                for job in batch
+            ]
             await uow.commit()
         if any(result.changed for result, _extra in results):
             await handlers.after_commit()

@@ -92,3 +92,56 @@ async def test_one_refused_apply_leaves_the_rest_of_its_group_applied(any_db_url
         assert markers == {f"marker-{n}" for n in good}
     finally:
         await db.close()
+
+
+async def test_concurrent_creates_of_one_object_all_succeed(any_db_url: str) -> None:
+    """Six applies of the same new object, all past their "absent" read before any inserts
+    (a barrier in the hook): one creates it, the others update it instead of failing with
+    the unique constraint (409). KV-side state of a lost attempt is dropped."""
+    db = Database(any_db_url)
+    racers = 6
+    arrived = 0
+    all_read = asyncio.Event()
+    published: list[str] = []
+
+    async def on_apply(
+        _uow: UnitOfWork, resource: Resource, old: StoredResource | None, _dry: bool
+    ) -> dict[str, Any]:
+        nonlocal arrived
+        names = collected.get()
+        if names is None:
+            names = []
+            collected.set(names)
+        names.append("created" if old is None else "updated")
+        if arrived < racers:
+            arrived += 1
+            if arrived == racers:
+                all_read.set()
+            await asyncio.wait_for(all_read.wait(), 10)
+        return {}
+
+    async def after_commit() -> None:
+        published.extend(collected.get() or [])
+        collected.set(None)
+
+    def racer(index: int) -> Resource:  # each a change over the others: each publishes
+        return parse_resource({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "same", "namespace": "x", "labels": {"racer": str(index)}},
+            "spec": {"containers": [{"name": "c", "image": "x"}]},
+        })
+
+    handlers = ResourceHandlers(db, frozenset({"Pod"}), on_apply=on_apply,
+                                after_commit=after_commit)
+    try:
+        outcomes = await asyncio.gather(
+            *(handlers.apply_alone(racer(i)) for i in range(racers)), return_exceptions=True
+        )
+        assert all(not isinstance(o, BaseException) for o in outcomes), outcomes
+        created = [o for o in outcomes if not isinstance(o, BaseException) and o[0].created]
+        assert len(created) == 1
+        # One publication per committed attempt: the creator's, and an update per loser whose
+        # first attempt (a "created" that rolled back) is not among them.
+        assert sorted(published) == ["created"] + ["updated"] * (racers - 1)
+    finally:
+        await db.close()
