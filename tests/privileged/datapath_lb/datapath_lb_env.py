@@ -67,6 +67,16 @@ class LbCluster:
         result: dict[str, Any] = json.loads(out.stdout)
         return result
 
+    def run_peer(self, *args: str, node: str) -> dict[str, Any]:
+        """Run a peer command in ``node``'s namespace (no socket LB); its JSON output."""
+        ns, cg = self.where(None, node, False)
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, str(PEER), *args],
+            preexec_fn=(lambda: enter_cgroup(str(cg))) if cg else None, capture_output=True,
+            check=True, timeout=60)
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
     def hold(self, ip: str, port: int, n: int, *, pod: str | None = None,
              node: str | None = None, socket_lb: bool = True) -> subprocess.Popen[str]:
         ns, cg = self.where(pod, node, socket_lb)

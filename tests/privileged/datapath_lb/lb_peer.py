@@ -3,7 +3,9 @@ TCP connections and UDP datagrams with NAME; ``tcp IP PORT N`` / ``udp IP PORT N
 times and print a JSON object {answer: count, "errors": {errno name: count}, "peers": [...]};
 ``sniff IFACE CLIENT_IP BACKEND_IP`` counts IPv4 frames arriving on IFACE until a line on
 stdin, then prints {"from_client": n, "replies": n} (replies: from the backend or to the
-client)."""
+client); ``reuse SPORT IP PORT BACKENDS`` connects from source port SPORT to the service, closes
+with RST, then connects from the same port straight to the backend that answered (BACKENDS: JSON
+name -> [ip, port]) and prints {"service": name, "direct": answer or errno name}."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import socket
 import sys
 import threading
+from typing import Any
 
 
 def serve(name: str, tcp_port: int, udp_port: int) -> None:
@@ -69,6 +72,27 @@ def client(kind: str, ip: str, port: int, n: int) -> None:
     print(json.dumps({"answers": counts, "errors": errors, "peers": sorted(peers)}))
 
 
+def _connect_from(sport: int, ip: str, port: int) -> str:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.settimeout(2)
+    try:
+        s.bind(("0.0.0.0", sport))
+        s.connect((ip, port))
+        return s.makefile().readline().strip()
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, type(e).__name__)
+    finally:
+        s.close()  # RST: the port is free again at once
+
+
+def reuse(sport: int, ip: str, port: int, backends: dict[str, list[Any]]) -> None:
+    name = _connect_from(sport, ip, port)
+    direct = _connect_from(sport, *backends[name]) if name in backends else "no service answer"
+    print(json.dumps({"service": name, "direct": direct}))
+
+
 def hold(ip: str, port: int, n: int) -> None:
     """Open n connections, print their answers, wait for a line on stdin, then check each
     connection still answers (prints a JSON list of booleans)."""
@@ -115,6 +139,8 @@ if __name__ == "__main__":
         sniff(sys.argv[2], sys.argv[3], sys.argv[4])
     elif sys.argv[1] == "hold":
         hold(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1] == "reuse":
+        reuse(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5]))
     elif sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:

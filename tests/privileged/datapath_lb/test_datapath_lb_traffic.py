@@ -125,6 +125,20 @@ def test_nodeport_from_another_node_uses_tc_lb(lbc: LbCluster) -> None:
     assert sock["errors"] == {} and len(sock["answers"]) >= 2
 
 
+def test_a_direct_connection_reusing_a_nodeport_flows_tuple_gets_its_own_replies(
+    lbc: LbCluster,
+) -> None:
+    """The client port of a NodePort flow to a local backend, reused for a connection straight
+    to that backend: its replies must not be reverse-NATed to the NodePort."""
+    lbc.sync(kv(web(["b1", "b2"])))
+    local = json.dumps({n: [BACKENDS[n][1], TCP_PORT] for n in ("b1", "b2")})
+    for sport in (41001, 41002, 41003):
+        got = lbc.run_peer("reuse", str(sport), lbc.node_ip("n1"), str(NODEPORT), local,
+                           node="n2")
+        assert got["service"] in ("b1", "b2"), got
+        assert got["direct"] == got["service"], got
+
+
 def test_service_without_backends_refuses_and_drops_with_158(lbc: LbCluster) -> None:
     lbc.sync(kv(web([])))
     res = lbc.run_client("tcp", VIP, 80, 3, pod="c1")

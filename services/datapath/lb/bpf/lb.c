@@ -475,6 +475,14 @@ static __always_inline int fib_redirect(struct __sk_buff *skb, u32 saddr, u32 da
     return ((long (*)(u32, void *, int, u64))BPF_FUNC_redirect_neigh)(fib.ifindex, 0, 0, 0);
 }
 
+// A TCP segment opening a connection: SYN without ACK.
+static __always_inline int is_syn(struct __sk_buff *skb, struct pkt *p)
+{
+    u8 fl = 0;
+    bpf_skb_load_bytes(skb, p->l4_off + 13, &fl, 1);
+    return (fl & 0x12) == 0x02;
+}
+
 // Reverse NAT of a reply whose tuple has a REV conntrack entry.
 static __always_inline int rev_nat(struct __sk_buff *skb, struct pkt *p)
 {
@@ -532,26 +540,26 @@ static __always_inline int dsr_insert(struct __sk_buff *skb, u32 svc_addr, u16 s
 // program rewrites the reply's source with it, so the reply goes straight to the client),
 // then the option is removed so the pod sees a plain header (Cilium's dsr_extract_opt4 +
 // the SNAT entry it creates).
-static __always_inline void dsr_extract(struct __sk_buff *skb)
+static __always_inline int dsr_extract(struct __sk_buff *skb)
 {
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-        return;
+        return 0;
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > end || ip->ihl != 5 + (DSR_OPT_LEN >> 2))
-        return;
+        return 0;
     if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-        return;
+        return 0;
     if (ip->frag_off & bpf_htons(0x3fff))
-        return;
+        return 0;
     struct dsr_opt *o = (void *)(ip + 1);
     u16 *ports = (void *)(o + 1);
     if ((void *)(ports + 2) > end)
-        return;
+        return 0;
     if (o->type != DSR_OPT_TYPE || o->len != DSR_OPT_LEN)
-        return;
+        return 0;
     struct dsr_opt opt = *o;
     struct lb_ct_key rk = {.saddr = ip->daddr, .daddr = ip->saddr, .sport = ports[1],
                            .dport = ports[0], .proto = ip->protocol, .dir = CT_REV};
@@ -569,15 +577,15 @@ static __always_inline void dsr_extract(struct __sk_buff *skb)
     s64 sum = bpf_csum_diff(&old0, 4, &new0, 4, 0);
     sum = bpf_csum_diff((u32 *)&opt, sizeof(opt), 0, 0, sum);
     if (bpf_skb_store_bytes(skb, ETH_HLEN, &new0, 4, 0) < 0)
-        return;
+        return 1;
     bpf_l3_csum_replace(skb, IP_CSUM_OFF, 0, sum, 0);
     bpf_skb_adjust_room(skb, -DSR_OPT_LEN, BPF_ADJ_ROOM_NET, 0);
+    return 1;
 }
 
 int nodeport_ingress(struct __sk_buff *skb)
 {
-    if (DSR_MODE)
-        dsr_extract(skb);
+    int dsr = DSR_MODE ? dsr_extract(skb) : 0;  // 1: a DSR flow's first packet, entry written
     struct pkt p = {};
     if (parse(skb, &p) < 0)
         return TC_ACT_OK;
@@ -588,10 +596,20 @@ int nodeport_ingress(struct __sk_buff *skb)
         return TC_ACT_OK;
     struct lb4_key key = {.address = p.daddr, .dport = p.dport, .proto = p.proto};
     struct lb4_service *svc = lookup_service(&key, NODE_ADDR_LOCAL);
-    if (!svc)
+    if (!svc || !(svc->flags & (SVC_NODEPORT | SVC_EXTERNAL_IP | SVC_LOADBALANCER))) {
+        // Not service traffic (ClusterIPs are not reachable from outside the node). A new
+        // connection straight to a backend may reuse the tuple of an earlier service flow
+        // from the same client port: its reverse entry would rewrite this connection's
+        // replies to the service address, so a SYN retires it (Cilium re-creates such CT
+        // entries on a SYN too).
+        if (!dsr && p.proto == IPPROTO_TCP && is_syn(skb, &p)) {
+            struct lb_ct_key rk = {.saddr = p.daddr, .daddr = p.saddr, .sport = p.dport,
+                                   .dport = p.sport, .proto = p.proto, .dir = CT_REV};
+            if (lb4_ct.lookup(&rk))
+                lb4_ct.delete(&rk);
+        }
         return TC_ACT_OK;
-    if (!(svc->flags & (SVC_NODEPORT | SVC_EXTERNAL_IP | SVC_LOADBALANCER)))
-        return TC_ACT_OK;  // ClusterIPs are not reachable from outside the node
+    }
 
     struct lb_ct_key fk = {.saddr = p.saddr, .daddr = p.daddr, .sport = p.sport,
                            .dport = p.dport, .proto = p.proto, .dir = CT_FWD};
