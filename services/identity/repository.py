@@ -468,6 +468,8 @@ class AddressSlots:
     """
 
     endpoint_ids: set[int] | None = None
+    endpoint_floor: int = 0
+    """Every endpoint id below this is in ``endpoint_ids`` (where the lowest-free search starts)."""
     addresses: dict[str, set[str]] = field(default_factory=dict)
     node_cidrs: dict[str, str] = field(default_factory=dict)
 
@@ -649,6 +651,7 @@ class AddressRepository:
         if self.slots.endpoint_ids is None or reload:
             rows = await self.session.execute(sa.select(endpoints.c.id))
             self.slots.endpoint_ids = {int(r[0]) for r in rows}
+            self.slots.endpoint_floor = 0
         return self.slots.endpoint_ids
 
     async def create_endpoint(
@@ -671,7 +674,7 @@ class AddressRepository:
                 taken.update(int(r[0]) for r in await self.session.execute(
                     sa.select(endpoints.c.id)))
             try:
-                ident = next_endpoint_id(taken)
+                ident = next_endpoint_id(taken, start=self.slots.endpoint_floor)
             except RuntimeError:
                 if reloaded:
                     raise
@@ -679,6 +682,7 @@ class AddressRepository:
                 reloaded = True
                 continue
             taken.add(ident)  # reserved before the await: concurrent requests pick another
+            self.slots.endpoint_floor = ident + 1
             record = record_for(ident)
             if postgres:
                 got = await self.session.execute(_PG_INSERT_ENDPOINT, {
@@ -705,7 +709,9 @@ class AddressRepository:
             endpoints.delete().where(endpoints.c.owner == owner).returning(endpoints.c.id)
         )
         if self.slots.endpoint_ids is not None:
-            self.slots.endpoint_ids.difference_update(int(r[0]) for r in rows)
+            freed = [int(r[0]) for r in rows]
+            self.slots.endpoint_ids.difference_update(freed)
+            self.slots.endpoint_floor = min([self.slots.endpoint_floor, *freed])
 
     async def endpoint(self, owner: str) -> tuple[int | None, dict[str, Any] | None]:
         """(identity held, KV record) of a pod's endpoint, or (None, None)."""

@@ -175,3 +175,9 @@ def test_label_validation_names_the_path() -> None:
     assert [e.path for e in errors] == ["metadata.labels.bad key!", "metadata.labels.tier"]
     assert label_errors({"a" * 64: "x"})[0].message.startswith("invalid label key")
     assert label_errors({"Example.com/x": "y"})  # prefix must be lowercase
+
+
+def test_next_endpoint_id_starts_at_the_known_floor() -> None:
+    assert next_endpoint_id({1, 2, 3, 5}, start=4) == 4
+    assert next_endpoint_id({1, 2, 3, 5}, start=5) == 6
+    assert next_endpoint_id(set(), start=0) == 1
