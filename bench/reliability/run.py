@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import shutil
 import sys
@@ -33,6 +34,12 @@ def proc_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def loadavg() -> list[str]:
@@ -71,6 +78,9 @@ class Load:
         self.statuses: dict[int, int] = {}
         self.refusals: list[str] = []
         self.pods_ok = 0
+        self.latencies: list[float] = []
+        """Seconds per answered apply, in the order the answers came."""
+        self.answered_at: list[float] = []
 
     async def apply(self, doc: dict[str, Any]) -> int:
         owner = {"Pod": "identity", "Namespace": "identity", "Service": "lb",
@@ -78,6 +88,7 @@ class Load:
         urls = self.urls[owner]
         self.turn += 1
         url = urls[self.turn % len(urls)]
+        began = time.monotonic()
         try:
             async with self.session.post(url + "/v1/resources", json=doc) as resp:
                 body = await resp.read()
@@ -93,6 +104,8 @@ class Load:
         self.statuses[resp_status] = self.statuses.get(resp_status, 0) + 1
         if doc["kind"] == "Pod" and resp_status < 300:
             self.pods_ok += 1
+        self.latencies.append(time.monotonic() - began)
+        self.answered_at.append(time.monotonic())
         return resp_status
 
 
@@ -147,6 +160,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "codes": {str(c): codes.count(c) for c in sorted(set(codes))}}
 
         # 2. pods at a fixed rate
+        load.latencies.clear()
+        load.answered_at.clear()
         started = time.monotonic()
         pending: set[asyncio.Task[int]] = set()
         for i in range(args.pods):
@@ -186,6 +201,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     converged["lb"] = now
                     result["lb_keys"] = len(lb)
             await asyncio.sleep(1)
+        lat = sorted(load.latencies)
+        per_10s: dict[int, int] = {}
+        for at in load.answered_at:
+            window = int((at - started) // 10) * 10
+            per_10s[window] = per_10s.get(window, 0) + 1
+        result["register_latency_ms"] = {
+            q: round(lat[min(len(lat) - 1, int(f * len(lat)))] * 1000) if lat else None
+            for q, f in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))}
+        result["answers_per_10s"] = per_10s
         result["register"] = {"sent_seconds": round(sent, 1), "acked_seconds": round(acked, 1),
                               "statuses": load.statuses, "refusals": load.refusals}
         result["converged_seconds"] = {k: round(v, 1) for k, v in converged.items()}
@@ -193,6 +217,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["expected_endpoints"] = expected
         result["peak_rss_mib"] = {
             f"{c.service}/{c.replica}": round(proc_kib(c.proc.pid, "VmHWM") / 1024, 1)
+            for c in stack.children if c.proc is not None}
+        result["cpu_seconds"] = {
+            f"{c.service}/{c.replica}": round(cpu_seconds(c.proc.pid), 1)
             for c in stack.children if c.proc is not None}
         result["rss_mib_now"] = {
             f"{c.service}/{c.replica}": round(proc_kib(c.proc.pid, "VmRSS") / 1024, 1)
