@@ -249,24 +249,35 @@ class GroupCommit:
         return await asyncio.shield(job.done)
 
     async def _drain(self) -> None:
-        while self.queue:
-            batch, self.queue = self.queue[: self.size], self.queue[self.size :]
-            batch.sort(key=_lock_order)
-            if len(batch) == 1:
-                await self._alone(batch[0])
-                continue
-            try:
-                results = await asyncio.create_task(
-                    self._together(batch), context=self.context.copy()
-                )
-            except Exception:  # every apply runs again alone and reports its own outcome
-                self.fallbacks += 1
-                await asyncio.gather(*(self._alone(job) for job in batch))
-                continue
-            self.batches += 1
-            for job, result in zip(batch, results, strict=True):
-                if not job.done.done():
-                    job.done.set_result(result)
+        try:
+            while self.queue:
+                await self._one_group()
+        finally:
+            # Leave the running set in the same step that saw the queue empty: a done callback
+            # runs later, and an apply queued in between would find every worker "running" and
+            # none left to take it.
+            task = asyncio.current_task()
+            if task is not None:
+                self.running.discard(task)
+
+    async def _one_group(self) -> None:
+        batch, self.queue = self.queue[: self.size], self.queue[self.size :]
+        batch.sort(key=_lock_order)
+        if len(batch) == 1:
+            await self._alone(batch[0])
+            return
+        try:
+            results = await asyncio.create_task(
+                self._together(batch), context=self.context.copy()
+            )
+        except Exception:  # every apply runs again alone and reports its own outcome
+            self.fallbacks += 1
+            await asyncio.gather(*(self._alone(job) for job in batch))
+            return
+        self.batches += 1
+        for job, result in zip(batch, results, strict=True):
+            if not job.done.done():
+                job.done.set_result(result)
 
     async def _together(self, batch: list[_Job]) -> list[Applied]:
         handlers = self.handlers
