@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import ipaddress
 import json
 import os
@@ -26,17 +25,15 @@ from typing import Any
 
 from pyroute2 import IPRoute, netns
 
+from ciliate.devcluster import CGROUP_ROOT as CGROUP_ROOT  # re-exported: tests, benches
+from ciliate.devcluster import node_cgroup as node_cgroup
+from ciliate.devcluster import short_hash
 from services.datapath.core.images import http_demo_ports
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/unified/ciliate")
 GATEWAY_IP = "169.254.1.1"
 NODE_SUBNET = ipaddress.IPv4Network("10.99.0.0/24")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCK_DIR = Path("/run/ciliate")
-
-
-def short_hash(*parts: str, length: int = 10) -> str:
-    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:length]
 
 
 def lxc_name(*parts: str) -> str:
@@ -299,12 +296,6 @@ def node_ip_for(name: str) -> str:
 
 def bridge_netns_name(salt: str) -> str:
     return f"cil-{short_hash(salt, 'bridge')}"
-
-
-def node_cgroup(salt: str, name: str) -> Path:
-    """Node ``name``'s cgroup v2 subtree: every pod's cgroup lives below it, so programs
-    attached here (the socket LB) see all of the node's pods."""
-    return CGROUP_ROOT / (salt + name)
 
 
 def node_netns_name(salt: str, name: str) -> str:

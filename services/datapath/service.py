@@ -27,6 +27,7 @@ from pyroute2 import config as pyroute2_config
 from ciliate.api import REGISTRY_KEY
 from ciliate.bus import BatchPublisher, Bucket, KVMirror
 from ciliate.bus.subjects import flows as flows_subject
+from ciliate.devcluster import cluster_salt
 from ciliate.flows.codec import pack_envelope
 from ciliate.flows.tables import TrafficDirection, drop_reason_text
 from ciliate.runner import ServiceContext, ServiceSpec
@@ -63,7 +64,6 @@ from .sandbox import (
     release_pod,
     remove_node,
     set_remote_route,
-    short_hash,
     write_record,
 )
 
@@ -131,7 +131,7 @@ class AgentConfig:
         def opt(key: str) -> str | None:
             return s.extra.get(key.lower()) or os.environ.get(f"CILIATE_{key}")
 
-        cluster = opt("DEV_CLUSTER") or short_hash(str(s.state_dir.resolve()), length=6)
+        cluster = cluster_salt(s)
         return cls(
             node=s.node,
             state_dir=s.state_dir,

@@ -28,6 +28,8 @@ from ciliate.api.app import REGISTRY_KEY
 from ciliate.api.resources import ResourceHandlers, owned_kinds
 from ciliate.bus import KV, BatchPublisher, Bucket, KVMirror
 from ciliate.bus.subjects import process
+from ciliate.config import Settings
+from ciliate.devcluster import CGROUP_ROOT, cluster_salt, node_cgroup
 from ciliate.doctor.probes import MissingKernelFeature
 from ciliate.resources.base import Resource
 from ciliate.runner import ServiceContext, ServiceSpec
@@ -56,7 +58,6 @@ from services.security.loader import (
     policy_key,
 )
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/unified/ciliate")
 POLICY_KINDS = ("TracingPolicy", "TracingPolicyNamespaced")
 POLL_TIMEOUT_MS = 100
 """Longest a poll waits in its thread; bounds how long shutdown waits for it."""
@@ -399,10 +400,20 @@ def node_subtree(node: str, root: Path = CGROUP_ROOT) -> Path:
     return root / node
 
 
+def agent_subtree(settings: Settings, env: Mapping[str, str]) -> Path:
+    """The cgroup subtree this node's agent acts in: ``CILIATE_SECURITY_CGROUP_ROOT``/<node>
+    when set; in dev mode the subtree the datapath agent puts this node's pods in (its name
+    carries the dev cluster's salt); else the default root's <node>."""
+    if "CILIATE_SECURITY_CGROUP_ROOT" in env:
+        return node_subtree(settings.node, Path(env["CILIATE_SECURITY_CGROUP_ROOT"]))
+    if settings.dev_mode:
+        return node_cgroup(cluster_salt(settings), settings.node)
+    return node_subtree(settings.node)
+
+
 async def setup(ctx: ServiceContext) -> None:
     env = ctx.settings.extra | dict(os.environ)
-    root = Path(env.get("CILIATE_SECURITY_CGROUP_ROOT", str(CGROUP_ROOT)))
-    agent = SecurityAgent(ctx, node_subtree(ctx.settings.node, root), Exporter.from_env(env))
+    agent = SecurityAgent(ctx, agent_subtree(ctx.settings, env), Exporter.from_env(env))
     agent.kv = await ctx.bus.kv(Bucket.TRACINGPOLICIES)
     handlers = ResourceHandlers(ctx.database, owned_kinds("security"), on_apply=agent.on_apply,
                                 on_delete=agent.on_delete, after_commit=agent.after_commit)
