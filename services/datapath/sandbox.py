@@ -14,6 +14,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,6 +206,24 @@ def release_pod(pod: PodSandbox) -> None:
         pod.server = None
 
 
+NETNS_ETC = Path("/etc/netns")
+"""``ip netns exec NS`` bind-mounts the files of ``/etc/netns/NS/`` over ``/etc``."""
+
+
+def write_pod_hosts(rec: PodRecord, text: str) -> None:
+    """The dev pod's /etc/hosts (``core.hosts``); only for namespaces we named and made."""
+    if rec.container_id or rec.netns.startswith("/"):
+        return
+    path = NETNS_ETC / rec.netns / "hosts"
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_text() == text:
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def delete_pod(pod: PodSandbox, state_dir: Path | None = None) -> None:
     """Remove everything create_pod made; safe on a half-made pod."""
     rec = pod.record
@@ -222,6 +241,8 @@ def delete_pod(pod: PodSandbox, state_dir: Path | None = None) -> None:
         ipr.route("del", dst=f"{rec.ip}/32")
     if not rec.container_id and rec.netns in netns.listnetns():
         netns.remove(rec.netns)  # a runtime's namespace is the runtime's to remove
+    if not rec.container_id and not rec.netns.startswith("/"):
+        shutil.rmtree(NETNS_ETC / rec.netns, ignore_errors=True)
     cg = Path(rec.cgroup) if rec.cgroup else None
     if cg is not None and cg.exists():
         _kill_cgroup(cg)

@@ -34,6 +34,7 @@ from ciliate.runner import ServiceContext, ServiceSpec
 
 from .cni.agent import CniAgent, tc_program_names
 from .core.flows import FlowContext, event_to_flow
+from .core.hosts import hosts_file
 from .core.model import EndpointFlag, EnforcementMode
 from .core.plan import DesiredState, desired_state
 from .lb.loader import LbDatapath, LbSizes
@@ -64,6 +65,7 @@ from .sandbox import (
     release_pod,
     remove_node,
     set_remote_route,
+    write_pod_hosts,
     write_record,
 )
 
@@ -490,6 +492,8 @@ class DatapathAgent:
                     for key in keys:
                         written += await self._run(self.lb.update, key, values.get(key))
                 before = self.ctx.status.get("lb") or {}
+                if self.cfg.dev_mode:
+                    await self._run(self._write_hosts, self._lb_items())
                 self.ctx.status["lb"] = {
                     "synced": True, "entries": len(self.lb_mirror.values),
                     "map_writes": before.get("map_writes", 0) + written,
@@ -567,7 +571,7 @@ class DatapathAgent:
         for key, ep in sorted(want.items()):
             if key not in self.pods:
                 try:
-                    await self._run(self._add_pod, key, ep)
+                    await self._run(self._add_pod, key, ep, self._lb_items())
                 except Exception as exc:
                     self.error(f"pod {key}: sandbox failed: {exc!r}")
         if self.node_netns is not None:
@@ -577,7 +581,7 @@ class DatapathAgent:
                                 "map_writes": written, "syncs": self.syncs})
         self.snapshot.enforcement = enforcement_counts(desired)
 
-    def _add_pod(self, key: str, ep: Mapping[str, Any]) -> None:
+    def _add_pod(self, key: str, ep: Mapping[str, Any], lb_items: list[tuple[str, Any]]) -> None:
         assert self.dp is not None
         namespace, name = str(ep["namespace"]), str(ep["name"])
         pod = adopt_pod(self.cfg.state_dir, namespace, name)
@@ -594,6 +598,18 @@ class DatapathAgent:
         else:
             self._attach(pod.ifname, pod.record.node_netns)  # replace an older agent's filters
         self.pods[key] = pod
+        if self.cfg.dev_mode:
+            write_pod_hosts(pod.record, hosts_file(lb_items, namespace))
+
+    def _lb_items(self) -> list[tuple[str, Any]]:
+        """KV ``lb`` as it is now (on the loop; worker-thread code gets this copy)."""
+        lb = getattr(self, "lb_mirror", None)
+        return list(lb.values.items()) if lb is not None else []
+
+    def _write_hosts(self, lb_items: list[tuple[str, Any]]) -> None:
+        """Dev mode: every pod's /etc/hosts follows the Services (a cluster DNS stand-in)."""
+        for pod in list(self.pods.values()):
+            write_pod_hosts(pod.record, hosts_file(lb_items, pod.record.namespace))
 
     def _remove_pod(self, key: str) -> None:
         pod = self.pods.pop(key)
