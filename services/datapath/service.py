@@ -571,7 +571,8 @@ class DatapathAgent:
         for key, ep in sorted(want.items()):
             if key not in self.pods:
                 try:
-                    await self._run(self._add_pod, key, ep, self._lb_items())
+                    await self._run(self._add_pod, key, ep,
+                                    self._lb_items() if self.cfg.dev_mode else [])
                 except Exception as exc:
                     self.error(f"pod {key}: sandbox failed: {exc!r}")
         if self.node_netns is not None:
@@ -594,7 +595,8 @@ class DatapathAgent:
                              namespace=namespace, name=name, ip=_pod_ip(ep),
                              tcp_ports=_ports(ep, "TCP"), udp_ports=_ports(ep, "UDP"),
                              salt=self.cfg.cluster, state_dir=self.cfg.state_dir,
-                             on_link=self._attach, images=ep.get("images") or ())
+                             on_link=self._attach,
+                             images=[i for i in ep.get("images") or () if isinstance(i, str)])
         else:
             self._attach(pod.ifname, pod.record.node_netns)  # replace an older agent's filters
         self.pods[key] = pod
