@@ -59,21 +59,17 @@ class LbCluster:
     def run_client(self, kind: str, ip: str, port: int, n: int, *, pod: str | None = None,
                    node: str | None = None, socket_lb: bool = True) -> dict[str, Any]:
         """``n`` connections (or datagrams); returns the peers' answers and errors."""
-        ns, cg = self.where(pod, node, socket_lb)
-        out = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, str(PEER), kind, ip, str(port), str(n)],
-            preexec_fn=(lambda: enter_cgroup(str(cg))) if cg else None, capture_output=True,
-            check=True, timeout=120)
-        result: dict[str, Any] = json.loads(out.stdout)
-        return result
+        return self.run_peer(kind, ip, str(port), str(n), pod=pod, node=node,
+                             socket_lb=socket_lb)
 
-    def run_peer(self, *args: str, node: str) -> dict[str, Any]:
-        """Run a peer command in ``node``'s namespace (no socket LB); its JSON output."""
-        ns, cg = self.where(None, node, False)
+    def run_peer(self, *args: str, pod: str | None = None, node: str | None = None,
+                 socket_lb: bool = True) -> dict[str, Any]:
+        """Run a peer command (lb_peer.py) where ``where`` says; its JSON output."""
+        ns, cg = self.where(pod, node, socket_lb)
         out = subprocess.run(
             ["ip", "netns", "exec", ns, sys.executable, str(PEER), *args],
             preexec_fn=(lambda: enter_cgroup(str(cg))) if cg else None, capture_output=True,
-            check=True, timeout=60)
+            check=True, timeout=120)
         result: dict[str, Any] = json.loads(out.stdout)
         return result
 

@@ -134,7 +134,7 @@ def test_a_direct_connection_reusing_a_nodeport_flows_tuple_gets_its_own_replies
     local = json.dumps({n: [BACKENDS[n][1], TCP_PORT] for n in ("b1", "b2")})
     for sport in (41001, 41002, 41003):
         got = lbc.run_peer("reuse", str(sport), lbc.node_ip("n1"), str(NODEPORT), local,
-                           node="n2")
+                           node="n2", socket_lb=False)
         assert got["service"] in ("b1", "b2"), got
         assert got["direct"] == got["service"], got
 

@@ -475,12 +475,18 @@ static __always_inline int fib_redirect(struct __sk_buff *skb, u32 saddr, u32 da
     return ((long (*)(u32, void *, int, u64))BPF_FUNC_redirect_neigh)(fib.ifindex, 0, 0, 0);
 }
 
-// A TCP segment opening a connection: SYN without ACK.
-static __always_inline int is_syn(struct __sk_buff *skb, struct pkt *p)
+// The TCP header's flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10, ...).
+static __always_inline u8 tcp_flags(struct __sk_buff *skb, struct pkt *p)
 {
     u8 fl = 0;
     bpf_skb_load_bytes(skb, p->l4_off + 13, &fl, 1);
-    return (fl & 0x12) == 0x02;
+    return fl;
+}
+
+// A TCP segment opening a connection: SYN without ACK.
+static __always_inline int is_syn(struct __sk_buff *skb, struct pkt *p)
+{
+    return (tcp_flags(skb, p) & 0x12) == 0x02;
 }
 
 // Reverse NAT of a reply whose tuple has a REV conntrack entry.
@@ -658,11 +664,8 @@ int nodeport_ingress(struct __sk_buff *skb)
         u32 client = p.saddr;
         if (!lb4_node_addrs.lookup(&client)) {
             u8 opt = p.proto == IPPROTO_UDP;  // UDP: every datagram; TCP: the SYN (as Cilium)
-            if (!opt) {
-                u8 fl = 0;
-                bpf_skb_load_bytes(skb, p.l4_off + 13, &fl, 1);
-                opt = (fl & 0x02) != 0;
-            }
+            if (!opt)
+                opt = (tcp_flags(skb, &p) & 0x02) != 0;
             u32 svc_addr = p.daddr;
             u16 svc_port = p.dport;
             set_addr(skb, &p, IP_DST_OFF, p.daddr, baddr);
